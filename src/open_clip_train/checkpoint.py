@@ -1,0 +1,95 @@
+"""Checkpoints in upstream's format (`epoch`, `name`, `state_dict`, `optimizer`, `scaler`)
+plus what exact resumption needs: the global `step`, the param-group layout by parameter
+name (`param_groups`), and RNG states.
+
+Writes are atomic (temporary file, fsync, rename), so a kill at any moment leaves the previous
+checkpoint loadable; `latest` only ever names complete files.
+"""
+from __future__ import annotations
+
+import os
+import re
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(ckpt_dir: Path) -> Dict[int, Path]:
+    out = {}
+    if Path(ckpt_dir).is_dir():
+        for p in Path(ckpt_dir).iterdir():
+            m = _EPOCH_RE.match(p.name)
+            if m:
+                out[int(m.group(1))] = p
+    return out
+
+
+def find_latest(ckpt_dir: Path) -> Optional[Path]:
+    """Newest complete checkpoint: epoch_latest.pt if present, else the highest epoch_N.pt."""
+    latest = Path(ckpt_dir) / "epoch_latest.pt"
+    candidates = list_checkpoints(ckpt_dir)
+    best = candidates[max(candidates)] if candidates else None
+    if latest.exists() and (best is None or latest.stat().st_mtime >= best.stat().st_mtime):
+        return latest
+    return best
+
+
+def load(path: Path, trust: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects unless the user trusts it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:  # unpickling refused or a corrupt file
+        if not trust and "weights_only" in str(e):
+            raise UserError(f"checkpoint {path} holds objects beyond tensors; pass --trust-checkpoint if you trust it") from None
+        raise UserError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} is not a dict of tensors")
+    return obj
+
+
+def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict

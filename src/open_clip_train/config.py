@@ -1,0 +1,177 @@
+"""Typed run configuration: argparse's Namespace is mapped onto these dataclasses exactly once
+(`RunCfg.from_args`); nothing below `main` reads the Namespace."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .data import DataCfg
+from .freeze import FreezeCfg, TowerSchedule
+from .losses import LossCfg
+from .optim import OptimCfg
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: str
+    pretrained: Optional[str] = None
+    pretrained_image: bool = False
+    pretrained_image_path: Optional[str] = None
+    pretrained_text_path: Optional[str] = None
+    text_tokenizer: Optional[str] = None
+    precision: str = "amp"
+    grad_checkpointing: bool = False
+    torchcompile: bool = False
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = 32
+    batch_size: int = 64
+    accum_freq: int = 1
+    grad_clip_norm: Optional[float] = None
+    lr_scheduler: str = "cosine"
+    warmup: int = 10000
+    epochs_cooldown: Optional[int] = None
+    lr_cooldown_power: float = 1.0
+    lr_cooldown_end: float = 0.0
+    skip_scheduler: bool = False
+    seed: int = 0
+    log_every_n_steps: int = 100
+    no_augment: bool = False
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    val_frequency: int = 1
+    val_at_start: bool = False
+    chunk_size: int = 1024
+
+
+@dataclass(frozen=True)
+class OutputCfg:
+    logs: str = "./logs/"
+    name: Optional[str] = None
+    report_to: Tuple[str, ...] = ()
+    wandb_project_name: str = "open-clip"
+    wandb_notes: str = ""
+    save_frequency: int = 1
+    save_most_recent: bool = False
+    delete_previous_checkpoint: bool = False
+    resume: Optional[str] = None
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class DistCfg:
+    backend: Optional[str] = None
+    device: str = "auto"
+    ddp_static_graph: bool = False
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    model: ModelCfg
+    data: DataCfg
+    train: TrainCfg
+    optim: OptimCfg
+    loss: LossCfg
+    freeze: FreezeCfg
+    eval: EvalCfg
+    output: OutputCfg
+    dist: DistCfg
+    dry_run: bool = False
+    settings: Dict[str, Any] = field(default_factory=dict)  # every resolved flag, for params.txt
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> "RunCfg":
+        a = args
+        freeze = FreezeCfg(
+            image=TowerSchedule(
+                lock=a.lock_image,
+                unlocked_groups=a.lock_image_unlocked_groups,
+                freeze_norm=a.lock_image_freeze_bn_stats,
+                unfreeze_at_epoch=a.unfreeze_image_at_epoch,
+                unfreeze_groups=a.unlocked_image_groups,
+            ),
+            text=TowerSchedule(
+                lock=a.lock_text,
+                unlocked_groups=a.lock_text_unlocked_layers,
+                freeze_norm=a.lock_text_freeze_layer_norm,
+                unfreeze_at_epoch=a.unfreeze_text_at_epoch,
+                unfreeze_groups=a.unlocked_text_layers,
+            ),
+            new_lr_scale=a.unfreeze_new_lr_scale,
+            unfreeze_warmup_steps=a.unfreeze_warmup_steps,
+            lock_patterns=tuple(a.lock_pattern or ()),
+            lr_mults=tuple(tuple(x) for x in (a.lr_mult or ())),
+            frozen_train_mode=a.frozen_train_mode,
+        )
+        report_to = tuple(x.strip() for x in (a.report_to or "").split(",") if x.strip())
+        return RunCfg(
+            model=ModelCfg(
+                name=a.model,
+                pretrained=a.pretrained or None,
+                pretrained_image=a.pretrained_image,
+                pretrained_image_path=a.pretrained_image_path,
+                pretrained_text_path=a.pretrained_text_path,
+                text_tokenizer=a.text_tokenizer,
+                precision=a.precision,
+                grad_checkpointing=a.grad_checkpointing,
+                torchcompile=a.torchcompile,
+            ),
+            data=DataCfg(
+                dataset_type=a.dataset_type,
+                train_data=a.train_data,
+                val_data=a.val_data,
+                train_image_root=a.train_image_root,
+                val_image_root=a.val_image_root,
+                coco_caption_sampling=a.coco_caption_sampling,
+                train_num_samples=a.train_num_samples,
+                val_num_samples=a.val_num_samples,
+                batch_size=a.batch_size,
+                workers=a.workers,
+                seed=a.seed,
+                csv_separator=a.csv_separator,
+                csv_img_key=a.csv_img_key,
+                csv_caption_key=a.csv_caption_key,
+                dataset_resampled=a.dataset_resampled,
+            ),
+            train=TrainCfg(
+                epochs=a.epochs,
+                batch_size=a.batch_size,
+                accum_freq=a.accum_freq,
+                grad_clip_norm=a.grad_clip_norm,
+                lr_scheduler=a.lr_scheduler,
+                warmup=a.warmup,
+                epochs_cooldown=a.epochs_cooldown,
+                lr_cooldown_power=a.lr_cooldown_power,
+                lr_cooldown_end=a.lr_cooldown_end,
+                skip_scheduler=a.skip_scheduler,
+                seed=a.seed,
+                log_every_n_steps=a.log_every_n_steps,
+                no_augment=a.no_augment,
+            ),
+            optim=OptimCfg(name=a.opt, lr=a.lr, beta1=a.beta1, beta2=a.beta2, eps=a.eps, weight_decay=a.wd,
+                           momentum=getattr(a, "momentum", None) or 0.9),
+            loss=LossCfg(local_loss=a.local_loss, gather_with_grad=a.gather_with_grad, siglip=a.siglip,
+                         loss_dist_impl=a.loss_dist_impl),
+            freeze=freeze,
+            eval=EvalCfg(val_frequency=a.val_frequency, val_at_start=a.val_at_start, chunk_size=a.eval_chunk_size),
+            output=OutputCfg(
+                logs=a.logs,
+                name=a.name,
+                report_to=report_to,
+                wandb_project_name=a.wandb_project_name,
+                wandb_notes=a.wandb_notes,
+                save_frequency=a.save_frequency,
+                save_most_recent=a.save_most_recent,
+                delete_previous_checkpoint=a.delete_previous_checkpoint,
+                resume=a.resume,
+                debug=a.debug,
+            ),
+            dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
+            dry_run=a.dry_run,
+            settings=dict(vars(a)),
+        )

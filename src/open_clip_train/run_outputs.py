@@ -1,0 +1,197 @@
+"""What a run leaves behind, in upstream's places and formats:
+
+    <logs>/<name>/out.log                    text log (upstream's line format)
+    <logs>/<name>/params.txt                 one `name: value` line per resolved setting, sorted
+    <logs>/<name>/provenance.json            git SHA, package versions, host, command line
+    <logs>/<name>/checkpoints/epoch_N.pt     checkpoints
+    <logs>/<name>/checkpoints/results.jsonl  one JSON object per evaluation
+    <logs>/<name>/tensorboard/               with --report-to tensorboard
+
+Only rank 0 writes files (every rank logs to its own stderr).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import UserError
+
+LOG_FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
+DATE_FORMAT = "%Y-%m-%d,%H:%M:%S"
+PACKAGES = ("torch", "torchvision", "open_clip_torch", "timm", "transformers", "safetensors", "numpy")
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def log(self) -> Path:
+        return self.root / "out.log"
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.txt"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def results(self) -> Path:
+        return self.checkpoints / "results.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+
+def default_name(model: str, lr: float, batch_size: int, workers: int, precision: str) -> str:
+    date = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+    return "-".join([date, f"model_{model.replace('/', '-')}", f"lr_{lr}", f"b_{batch_size}", f"j_{workers}", f"p_{precision}"])
+
+
+def prepare_run_dir(logs: str, name: str, resuming: bool, is_master: bool) -> RunPaths:
+    paths = RunPaths(Path(logs) / name)
+    if is_master:
+        if paths.log.exists() and not resuming:
+            raise UserError(
+                f"experiment {paths.root} already exists; use --name to start a new one or --resume latest to continue it"
+            )
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def setup_logging(log_file: Optional[Path], level: int = logging.INFO, rank: int = 0) -> None:
+    """Upstream's format on stderr for every rank, and into out.log for rank 0."""
+    fmt = LOG_FORMAT if rank == 0 else f"%(asctime)s | rank {rank} | %(levelname)s | %(message)s"
+    formatter = logging.Formatter(fmt, datefmt=DATE_FORMAT)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_open_clip_train", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    handlers: List[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(formatter)
+        h._open_clip_train = True  # so a second main() in one process does not double-log
+        root.addHandler(h)
+
+
+def write_params(path: Path, settings: Dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        for name in sorted(settings):
+            f.write(f"{name}: {settings[name]}\n")
+
+
+def append_result(path: Path, row: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(_jsonable(row)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jsonable(row: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+def read_results(path: Path) -> List[Dict[str, Any]]:
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logging.warning(f"skipping a half-written line in {path}")
+    return rows
+
+
+def drop_results_after(path: Path, epoch: int) -> None:
+    """On resume from `epoch`, drop rows of later epochs (and half-written lines) so that
+    results.jsonl keeps exactly one row per evaluated epoch."""
+    if not Path(path).exists():
+        return
+    rows = [r for r in read_results(path) if r.get("epoch", 0) <= epoch]
+    tmp = Path(path).with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def provenance(argv: List[str]) -> Dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", False
+    return {
+        "git_sha": sha or None,
+        "git_dirty": dirty,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "packages": versions,
+        "argv": argv,
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+class Reporters:
+    """tensorboard / wandb sinks for scalars; a no-op when neither is requested (or not rank 0)."""
+
+    def __init__(self, report_to: List[str], paths: RunPaths, name: str, config: Dict[str, Any],
+                 is_master: bool, wandb_project: str = "open-clip", wandb_notes: str = "", resume: bool = False):
+        self.tb = None
+        self.wandb = None
+        if not is_master:
+            return
+        if "tensorboard" in report_to or "all" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            paths.tensorboard.mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(str(paths.tensorboard))
+        if "wandb" in report_to or "all" in report_to:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, name=name, id=name, notes=wandb_notes,
+                                    config=config, dir=str(paths.root), resume="auto" if resume else None)
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(dict(values, step=step), step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,419 @@
+"""The training session: wires model, freezing plan, optimizer, data, loss and outputs.
+
+Named steps, called by `main`: `Trainer.build` -> `resume` -> `fit` -> `close`. Inside `fit`,
+every epoch starts with `enter_epoch`, which applies the freezing plan: unlocked params get
+requires_grad, their own param groups (nothing else in the optimizer changes), and the DDP
+wrapper is rebuilt, because DDP only hooks params that required grad when it was built.
+Flipping requires_grad under a live wrapper would leave new params unsynchronised.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from . import distributed as dist_env
+from .config import RunCfg
+from .data import DataInfo, RetrievalData, get_data
+from .distributed import World
+from .errors import UserError
+from .evaluate import evaluate_retrieval
+from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
+from .losses import ContrastiveLoss, total
+from .models import create_model, get_preprocess, get_tokenizer
+from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
+from .precision import autocast, grad_scaler, input_dtype
+from .run_outputs import Reporters, RunPaths, append_result, drop_results_after
+from .schedule import ScheduleCfg, lr_at
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+@dataclass
+class _Meter:
+    """Samples/s and loss averaged over the logging interval (not just the last step)."""
+    t0: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    steps: int = 0
+    data_time: float = 0.0
+    losses: Dict[str, float] = field(default_factory=dict)
+
+    def add(self, samples: int, terms: Dict[str, float], data_time: float) -> None:
+        self.samples += samples
+        self.steps += 1
+        self.data_time += data_time
+        for k, v in terms.items():
+            self.losses[k] = self.losses.get(k, 0.0) + v
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9)
+
+
+class Trainer:
+    def __init__(self, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths]):
+        self.cfg, self.world, self.device, self.paths = cfg, world, device, paths
+        self.step = 0
+        self.start_epoch = 0
+        self.ddp: Optional[torch.nn.Module] = None
+        self.verify_grads = True  # cheap frozen-gets-no-grad check on the first step after a change
+        self.reporters: Optional[Reporters] = None
+
+    # ---------------------------------------------------------------- build
+    @classmethod
+    def build(cls, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths]) -> "Trainer":
+        self = cls(cfg, world, device, paths)
+        seed_everything(cfg.train.seed, 0)  # identical init on every rank
+        self.model, report = create_model(
+            cfg.model.name,
+            pretrained=cfg.model.pretrained,
+            pretrained_image=cfg.model.pretrained_image,
+            pretrained_image_path=cfg.model.pretrained_image_path,
+            pretrained_text_path=cfg.model.pretrained_text_path,
+            precision=cfg.model.precision,
+            device=device,
+        )
+        if report is not None:
+            report.log(logging.getLogger())
+        if cfg.model.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
+        self.plan = build_plan(self.model, cfg.freeze, cfg.train.epochs)
+        for note in self.plan.notes:
+            logging.info(f"freeze: {note}")
+        self._apply_rules(0, log_as="INIT")
+        if not cfg.freeze.frozen_train_mode:
+            install_frozen_eval(self.model)
+
+        preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
+        preprocess_val = get_preprocess(self.model, is_train=False)
+        self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.tokenizer, world.rank, world.world_size)
+        self.train_data: Optional[DataInfo] = self.data.get("train")
+        self.val_data: Optional[RetrievalData] = self.data.get("val")
+        steps_per_epoch = self.train_data.num_batches // cfg.train.accum_freq if self.train_data else 0
+        self.steps_per_epoch = steps_per_epoch
+        self.schedule = ScheduleCfg(
+            kind=cfg.train.lr_scheduler,
+            base_lr=cfg.optim.lr,
+            warmup_steps=cfg.train.warmup,
+            total_steps=steps_per_epoch * cfg.train.epochs,
+            cooldown_steps=steps_per_epoch * (cfg.train.epochs_cooldown or 0),
+            cooldown_power=cfg.train.lr_cooldown_power,
+            cooldown_end_lr=cfg.train.lr_cooldown_end,
+        )
+        self.optimizer = build_optimizer(make_groups(self.model, self.plan.rules_at(0), cfg.optim), cfg.optim)
+        self.scaler = grad_scaler(cfg.model.precision, device)
+        self.loss = ContrastiveLoss(cfg.loss, world.rank, world.world_size)
+        self.applied_unlocks = set()
+        self._wrap()
+        if paths is not None:
+            self.reporters = Reporters(list(cfg.output.report_to), paths, paths.root.name, cfg.settings, world.is_master,
+                                       cfg.output.wandb_project_name, cfg.output.wandb_notes, bool(cfg.output.resume))
+        for line in group_table(self.optimizer):
+            logging.info(line)
+        return self
+
+    def _apply_rules(self, epoch: int, log_as: str) -> None:
+        apply_trainable(self.model, list(self.plan.rules_at(epoch)))
+        if self.cfg.freeze.frozen_train_mode and self.cfg.freeze.image.freeze_norm:
+            freeze_bn_stats(self.model)
+        logging.info(f"trainable params ({log_as}): {format_counts(count_trainable(self.model))}")
+
+    def _wrap(self) -> None:
+        """(Re)build the DDP wrapper over the current trainable set."""
+        self.ddp = None  # drop the old wrapper (and its reducer hooks) before building a new one
+        if self.world.distributed:
+            kwargs = {"device_ids": [self.device]} if self.device.type == "cuda" else {}
+            self.ddp = DistributedDataParallel(self.model, static_graph=self.cfg.dist.ddp_static_graph, **kwargs)
+        self.verify_grads = True
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.ddp if self.ddp is not None else self.model
+
+    # ---------------------------------------------------------------- resume / save
+    def resume(self, path: Path, trust: bool = False) -> None:
+        state = ckpt.load(path, trust)
+        sd = ckpt.strip_module_prefix(state.get("state_dict", state))
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint {path} does not fit model {self.cfg.model.name}: "
+                            f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+        epoch = int(state.get("epoch", 0))
+        self.start_epoch = epoch
+        self.step = int(state.get("step", epoch * self.steps_per_epoch))
+        # The trainable set during the checkpoint's last epoch, then today's unlocks on schedule.
+        rules = self.plan.rules_at(max(epoch - 1, 0))
+        apply_trainable(self.model, list(rules))
+        layout = state.get("param_groups")
+        if layout is not None:
+            names = {n for g in layout for n in g["param_names"]}
+            if names != set(rules):
+                raise UserError(f"checkpoint {path} trains a different parameter set than this run's freezing flags "
+                                f"({len(names)} vs {len(set(rules))} params); resume with the original flags")
+            groups = groups_from_layout(self.model, layout)
+        else:
+            groups = make_groups(self.model, rules, self.cfg.optim)
+        self.optimizer = build_optimizer(groups, self.cfg.optim)
+        if "optimizer" in state:
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                if layout is not None:
+                    raise
+                logging.warning(f"optimizer state not restored ({e}); continuing with fresh optimizer state")
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            ckpt.restore_rng(state["rng"])
+        self.applied_unlocks = {g["name"].split("/")[0] for g in self.optimizer.param_groups} - {"base"}
+        self._wrap()
+        if self.paths is not None and self.world.is_master:
+            drop_results_after(self.paths.results, epoch)
+        logging.info(f"=> resumed checkpoint '{path}' (epoch {epoch}, step {self.step})")
+        logging.info(f"trainable params (RESUME at epoch {epoch}): {format_counts(count_trainable(self.model))}")
+
+    def state_dict(self, completed_epoch: int) -> dict:
+        state = {
+            "epoch": completed_epoch,
+            "name": self.paths.root.name if self.paths else "",
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "param_groups": group_layout(self.optimizer),
+            "rng": ckpt.rng_state(),
+            "model": self.cfg.model.name,
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save(self, completed_epoch: int) -> None:
+        out = self.cfg.output
+        if self.paths is None or not self.world.is_master:
+            return
+        is_last = completed_epoch == self.cfg.train.epochs
+        periodic = out.save_frequency > 0 and (completed_epoch % out.save_frequency == 0 or is_last)
+        if not (periodic or out.save_most_recent):
+            return
+        state = self.state_dict(completed_epoch)
+        if periodic:
+            ckpt.atomic_save(state, self.paths.checkpoints / f"epoch_{completed_epoch}.pt")
+            prev = self.paths.checkpoints / f"epoch_{completed_epoch - 1}.pt"
+            if out.delete_previous_checkpoint and prev.exists():
+                prev.unlink()  # only after the new one is safely on disk
+        if out.save_most_recent:
+            ckpt.atomic_save(state, self.paths.checkpoints / "epoch_latest.pt")
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.val_data is not None and cfg.eval.val_at_start and self.start_epoch == 0:
+            self.evaluate(0)
+        if self.train_data is None:
+            if self.val_data is not None and not cfg.eval.val_at_start:
+                self.evaluate(self.start_epoch)
+            return
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            self.enter_epoch(epoch)
+            self.train_epoch(epoch)
+            completed = epoch + 1
+            self.save(completed)
+            if self.val_data is not None and (completed % cfg.eval.val_frequency == 0 or completed == cfg.train.epochs):
+                self.evaluate(completed)
+
+    def enter_epoch(self, epoch: int) -> None:
+        """Apply the plan's unlocks for this epoch (idempotent across resumes)."""
+        due = [u for u in self.plan.unlocks if u.epoch <= epoch and u.origin not in self.applied_unlocks]
+        if not due:
+            return
+        rules = self.plan.rules_at(epoch)
+        apply_trainable(self.model, list(rules))
+        new_rules = {n: rules[n] for u in due for n in u.names}
+        add_groups(self.optimizer, make_groups(self.model, new_rules, self.cfg.optim,
+                                               ramp_start=self.step, ramp_steps=self.cfg.freeze.unfreeze_warmup_steps))
+        self.applied_unlocks |= {u.origin for u in due}
+        check_coverage(self.model, self.optimizer)
+        self._wrap()
+        what = ", ".join(f"{u.tower} ({len(u.names)} tensors)" for u in due)
+        logging.info(f"unlock at epoch {epoch}: {what}")
+        logging.info(f"trainable params (epoch {epoch}): {format_counts(count_trainable(self.model))}")
+        for line in group_table(self.optimizer):
+            logging.info(line)
+
+    def train_epoch(self, epoch: int) -> None:
+        cfg, data = self.cfg, self.train_data
+        data.set_epoch(epoch)
+        self.net.train()
+        accum = cfg.train.accum_freq
+        meter = _Meter()
+        epoch_t0 = time.perf_counter()
+        batches: List = []
+        t_data = time.perf_counter()
+        steps_done = 0
+        for i, batch in enumerate(data.dataloader):
+            if i // accum >= self.steps_per_epoch:
+                break
+            batches.append(batch)
+            if len(batches) < accum:
+                continue
+            data_time = time.perf_counter() - t_data
+            if not cfg.train.skip_scheduler:
+                apply_lr(self.optimizer, self.step, lr_at(self.step, self.schedule))
+            terms = self.train_step(batches)
+            batches = []
+            self.step += 1
+            steps_done += 1
+            meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time)
+            last = steps_done == self.steps_per_epoch
+            if steps_done % cfg.train.log_every_n_steps == 0 or last:
+                self._log_progress(epoch, steps_done, meter, epoch_t0)
+                meter = _Meter()
+            t_data = time.perf_counter()
+
+    def train_step(self, batches: List) -> Dict[str, float]:
+        """One optimizer step over `accum_freq` micro-batches; returns the loss terms."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        dtype = input_dtype(cfg.model.precision)
+        moved = [(im.to(self.device, dtype=dtype, non_blocking=True), tx.to(self.device, non_blocking=True))
+                 for im, tx in batches]
+        if len(moved) == 1:
+            terms = self._forward_backward(*moved[0])
+        else:
+            terms = self._forward_backward_accum(moved)
+        if self.verify_grads:
+            self._check_grads()
+            self.verify_grads = False
+        if self.scaler is not None:
+            if cfg.train.grad_clip_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if cfg.train.grad_clip_norm is not None:
+                self._clip()
+            self.optimizer.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+        return {k: float(v) for k, v in terms.items()}
+
+    def _clip(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm, norm_type=2.0)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _forward_backward(self, images, texts) -> Dict[str, torch.Tensor]:
+        with autocast(self.cfg.model.precision, self.device):
+            out = self.net(images, texts)
+            terms = self.loss(out)
+            loss = total(terms)
+        self._backward(loss)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _forward_backward_accum(self, moved) -> Dict[str, torch.Tensor]:
+        """Upstream's --accum-freq: features of all micro-batches first (no grad), then each
+        micro-batch again with grad against the cached rest, so the loss sees the full batch."""
+        precision = self.cfg.model.precision
+        cached = []
+        with torch.no_grad(), autocast(precision, self.device):
+            for images, texts in moved:
+                out = self.net(images, texts)
+                cached.append({k: out[k] for k in ("image_features", "text_features")})
+                scale, bias = out["logit_scale"], out.get("logit_bias")
+        terms_sum: Dict[str, torch.Tensor] = {}
+        for j, (images, texts) in enumerate(moved):
+            sync = j == len(moved) - 1 or self.ddp is None
+            ctx = self.ddp.no_sync() if not sync else _nullctx()
+            with ctx:
+                with autocast(precision, self.device):
+                    out = self.net(images, texts)
+                    feats = {k: torch.cat([c[k] for c in cached[:j]] + [out[k]] + [c[k] for c in cached[j + 1:]])
+                             for k in ("image_features", "text_features")}
+                    terms = self.loss(dict(feats, logit_scale=out["logit_scale"], logit_bias=out.get("logit_bias")))
+                    loss = total(terms)
+                self._backward(loss)
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0) + v.detach() / len(moved)
+        return terms_sum
+
+    def _check_grads(self) -> None:
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad and p.grad is not None:
+                raise RuntimeError(f"frozen parameter {n} received a gradient")
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            logging.warning(f"{len(missing)} trainable params got no gradient this step, e.g. {missing[:3]}")
+
+    def _log_progress(self, epoch: int, steps_done: int, meter: _Meter, epoch_t0: float) -> None:
+        total_steps = self.steps_per_epoch
+        sps = meter.samples / meter.elapsed()
+        per_step = (time.perf_counter() - epoch_t0) / steps_done
+        remaining = (total_steps - steps_done) + total_steps * (self.cfg.train.epochs - epoch - 1)
+        eta = _fmt_time(per_step * remaining)
+        losses = " ".join(f"{k.capitalize()}: {v / meter.steps:#.5g}" for k, v in meter.losses.items())
+        lrs = " ".join(f"{g['name']}={g['lr']:.3e}" for g in self.optimizer.param_groups)
+        n_done = steps_done * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
+        n_total = total_steps * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
+        logit_scale = float(self.model.logit_scale.exp())
+        logging.info(
+            f"Train Epoch: {epoch} [{n_done}/{n_total} ({100 * steps_done / total_steps:.0f}%)] step {self.step} "
+            f"Data (t): {meter.data_time / meter.steps:.3f} Batch (t): {meter.elapsed() / meter.steps:.3f}, "
+            f"{sps:#g}/s, {sps / self.world.world_size:#g}/s/gpu LR: {lrs} Logit Scale: {logit_scale:.3f} "
+            f"{losses} ETA: {eta}"
+        )
+        if self.reporters is not None:
+            values = {f"train/{k}": v / meter.steps for k, v in meter.losses.items()}
+            values.update({f"train/lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+            values.update({"train/samples_per_second": sps, "train/scale": logit_scale})
+            values.update({f"train/trainable_{k}": v for k, v in count_trainable(self.model).items()})
+            self.reporters.scalars(values, self.step)
+
+    # ---------------------------------------------------------------- eval
+    def evaluate(self, epoch: int) -> Dict[str, float]:
+        cfg = self.cfg
+        metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
+                                     cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size)
+        row = {"epoch": epoch, "num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images")}
+        row.update(metrics)
+        shown = " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
+        logging.info(f"Eval Epoch: {epoch} {shown}")
+        if self.world.is_master and self.paths is not None:
+            append_result(self.paths.results, row)
+            if self.reporters is not None:
+                self.reporters.scalars({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        return row
+
+    def close(self) -> None:
+        if self.reporters is not None:
+            self.reporters.close()
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
