@@ -370,7 +370,7 @@ class Trainer:
         lrs = " ".join(f"{g['name']}={g['lr']:.3e}" for g in self.optimizer.param_groups)
         n_done = steps_done * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
         n_total = total_steps * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
-        logit_scale = float(self.model.logit_scale.exp())
+        logit_scale = float(self.model.logit_scale.detach().exp())
         logging.info(
             f"Train Epoch: {epoch} [{n_done}/{n_total} ({100 * steps_done / total_steps:.0f}%)] step {self.step} "
             f"Data (t): {meter.data_time / meter.steps:.3f} Batch (t): {meter.elapsed() / meter.steps:.3f}, "

@@ -1,0 +1,41 @@
+# make demo   - set up .venv, generate the demo COCO-style dataset, train with lock -> unlock, print results
+# make test   - set up .venv and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := demo_data
+DEMO_NAME ?= demo-$(shell date +%Y%m%d-%H%M%S)
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean bench
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23.1"
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -c "import open_clip_train, sys; sys.exit(0 if '/src/open_clip_train' in open_clip_train.__file__.replace(chr(92), '/') else 'open_clip_train resolves to ' + open_clip_train.__file__)"
+	touch $(STAMP)
+
+$(DEMO_DATA)/annotations/captions_val2017.json: | $(STAMP)
+	$(PY) -m open_clip_train.demo_data $(DEMO_DATA) --num-train 2000 --num-val 250 --image-size 64 --seed 0
+
+demo: $(STAMP) $(DEMO_DATA)/annotations/captions_val2017.json
+	HF_HUB_OFFLINE=1 $(PY) -m open_clip_train.main \
+	    --model tiny-convnext-cliptext --dataset-type coco \
+	    --train-data $(DEMO_DATA)/annotations/captions_train2017.json \
+	    --val-data $(DEMO_DATA)/annotations/captions_val2017.json \
+	    --epochs 8 --batch-size 64 --lr 2e-3 --wd 0.1 --warmup 50 --workers 2 --precision fp32 \
+	    --lock-image --unfreeze-image-at-epoch 3 --unfreeze-new-lr-scale 0.5 \
+	    --val-at-start --log-every-n-steps 20 --seed 0 \
+	    --log-dir logs --name $(DEMO_NAME)
+	$(PY) -m open_clip_train.results_table logs/$(DEMO_NAME)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(DEMO_DATA) logs .pytest_cache
