@@ -314,3 +314,14 @@ def test_clip_val_loss_hand_computed():
 def test_clip_val_loss_rejects_mismatched_batch():
     with pytest.raises(ValueError, match="2 images but 3 texts"):
         ClipValLoss().update(torch.randn(2, 4), torch.randn(3, 4), 1.0)
+
+
+def test_pairwise_chunked_equals_dense_upstream_form():
+    """Above the dense limit, pairwise positions are counted in chunks; same values absent ties."""
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(53, 16, generator=g), dim=-1)
+    txt = F.normalize(img + 0.8 * torch.randn(53, 16, generator=g), dim=-1)
+    dense = pairwise_metrics(img, txt, 100.0)
+    chunked = pairwise_metrics(img, txt, 100.0, dense_limit=10, chunk_size=7)
+    assert chunked == pytest.approx(dense)
+    assert dense["image_to_text_R@1"] < 1.0  # the case is not trivial

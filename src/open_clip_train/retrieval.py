@@ -199,7 +199,12 @@ def retrieval_metrics(
 
 @torch.no_grad()
 def pairwise_metrics(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Union[torch.Tensor, float]
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Union[torch.Tensor, float],
+    *,
+    dense_limit: int = 8192,
+    chunk_size: int = 1024,
 ) -> Dict[str, float]:
     """open_clip 3.3.0 ``get_clip_metrics``: row i of each input is a pair, only the diagonal is positive.
 
@@ -207,6 +212,10 @@ def pairwise_metrics(
     argsort ranking whose tie order is whatever argsort gives, numpy median
     floored) so values match old results; only the return type is plain float.
     Deflated for multi-caption data, see the module docstring.
+
+    Above ``dense_limit`` pairs (COCO val has 25,000: upstream's dense matrix and argsort
+    would take ~7.5 GB) the position of each pair is counted in chunks instead: the number of
+    entries scoring strictly higher, which is what argsort gives whenever there are no exact ties.
     """
     _check_features(image_features, text_features)
     if image_features.shape[0] != text_features.shape[0]:
@@ -214,18 +223,45 @@ def pairwise_metrics(
             f"pairwise metrics need one text per image row, got {image_features.shape[0]} images "
             f"and {text_features.shape[0]} texts"
         )
-    logits_per_image = (logit_scale * image_features @ text_features.t()).detach().cpu()
-    logits = {"image_to_text": logits_per_image, "text_to_image": logits_per_image.t()}
-    ground_truth = torch.arange(len(text_features)).view(-1, 1)
+    n = image_features.shape[0]
+    if n > dense_limit:
+        preds_by_name = _pairwise_positions_chunked(image_features, text_features, chunk_size)
+    else:
+        logits_per_image = (logit_scale * image_features @ text_features.t()).detach().cpu()
+        logits = {"image_to_text": logits_per_image, "text_to_image": logits_per_image.t()}
+        ground_truth = torch.arange(len(text_features)).view(-1, 1)
+        preds_by_name = {}
+        for name, logit in logits.items():
+            ranking = torch.argsort(logit, descending=True)
+            preds_by_name[name] = torch.where(ranking == ground_truth)[1].numpy()  # 0-based rank of the pair
     metrics: Dict[str, float] = {}
-    for name, logit in logits.items():
-        ranking = torch.argsort(logit, descending=True)
-        preds = torch.where(ranking == ground_truth)[1].numpy()  # 0-based rank of the pair
+    for name, preds in preds_by_name.items():
         metrics[f"{name}_mean_rank"] = float(preds.mean() + 1)
         metrics[f"{name}_median_rank"] = float(np.floor(np.median(preds)) + 1)
         for k in RECALL_KS:
             metrics[f"{name}_R@{k}"] = float(np.mean(preds < k))
     return metrics
+
+
+def _pairwise_positions_chunked(
+    image_features: torch.Tensor, text_features: torch.Tensor, chunk_size: int
+) -> Dict[str, np.ndarray]:
+    img, txt = image_features.float(), text_features.float()
+    n = img.shape[0]
+    starts = range(0, n, chunk_size)
+    # The pair scores come from the same diagonal blocks the counting pass computes, so a
+    # pair's own score is bit-identical in both places and never counts as "above" itself.
+    diag = torch.cat([torch.diagonal(img[r:r + chunk_size] @ txt[r:r + chunk_size].t()) for r in starts])
+    above_i2t = torch.zeros(n, dtype=torch.long)
+    above_t2i = torch.zeros(n, dtype=torch.long)
+    for r in starts:
+        rows = slice(r, min(r + chunk_size, n))
+        for c in starts:
+            cols = slice(c, min(c + chunk_size, n))
+            block = img[rows] @ txt[cols].t()  # [rows, cols] image i vs text j
+            above_i2t[rows] += (block > diag[rows, None]).sum(1).cpu()
+            above_t2i[cols] += (block > diag[None, cols]).sum(0).cpu()
+    return {"image_to_text": above_i2t.numpy(), "text_to_image": above_t2i.numpy()}
 
 
 class ClipValLoss:
