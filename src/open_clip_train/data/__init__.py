@@ -1,0 +1,294 @@
+"""Training and retrieval-evaluation data: the trainer's only entry point is get_data().
+
+Sources (COCO captions json, CSV/TSV, webdataset shards, synthetic) are parsed by their
+own modules into images with their captions; this module turns those into
+
+* training: a DataInfo whose loader yields (images, tokens) batches, map-style sources
+  sampled by GlobalBatchSampler (world-size invariant, resumable mid-epoch);
+* evaluation: a RetrievalData of unique images and all their captions, so an image's
+  other captions are never treated as negatives.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .coco import load_coco_captions
+from .csv_data import load_csv_captions
+from .sampler import GlobalBatchSampler, SharedEpoch, contiguous_shard, sample_seed, seeded_rng
+from .wds import build_train as build_wds_train
+from .wds import load_eval as load_wds_eval
+
+__all__ = ["DataCfg", "DataInfo", "RetrievalData", "get_data", "load_rgb", "GlobalBatchSampler"]
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+ImageSource = str | bytes  # a file path, or encoded image bytes (webdataset evaluation)
+
+DATASET_TYPES = ("auto", "coco", "csv", "webdataset", "synthetic")
+CAPTION_SAMPLING = ("all", "random")
+
+
+@dataclass
+class DataCfg:
+    dataset_type: str = "auto"  # auto: .json -> coco, .csv/.tsv -> csv, .tar -> webdataset
+    train_data: str | None = None
+    val_data: str | None = None
+    train_image_root: str | None = None  # default: COCO standard layout / CSV paths as written
+    val_image_root: str | None = None
+    coco_caption_sampling: str = "all"  # all: every pair per epoch; random: one caption per image
+    train_num_samples: int | None = None  # caps the epoch (required for webdataset w/o sizes.json)
+    val_num_samples: int | None = None  # caps the number of evaluation images
+    batch_size: int = 64  # per rank
+    workers: int = 0
+    seed: int = 0
+    csv_separator: str = "\t"
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    dataset_resampled: bool = False  # webdataset: draw shards with replacement
+
+    def __post_init__(self) -> None:
+        if self.dataset_type not in DATASET_TYPES:
+            raise ValueError(f"dataset_type must be one of {DATASET_TYPES}, got {self.dataset_type!r}")
+        if self.coco_caption_sampling not in CAPTION_SAMPLING:
+            raise ValueError(
+                f"coco_caption_sampling must be one of {CAPTION_SAMPLING}, got {self.coco_caption_sampling!r}"
+            )
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"need batch_size >= 1 and workers >= 0, got {self.batch_size}, {self.workers}")
+        if self.dataset_type == "synthetic" and self.val_data:
+            raise ValueError("synthetic data is for training only; unset val_data")
+        for name in ("train_num_samples", "val_num_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when set, got {value}")
+
+
+@dataclass
+class DataInfo:
+    dataloader: DataLoader
+    sampler: GlobalBatchSampler | None
+    num_samples: int  # global samples per epoch (num_batches * batch_size * world_size)
+    num_batches: int  # per rank per epoch
+    shared_epoch: SharedEpoch | None = None  # webdataset: epoch seen by loader workers
+
+    def set_epoch(self, epoch: int, start_batch: int | None = None) -> None:
+        """Select the epoch's order and captions; start_batch, if given, skips that many
+        batches of the next pass (mid-epoch resume; same as setting sampler.start_batch)."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            if start_batch is not None:
+                self.sampler.start_batch = start_batch
+        elif start_batch:
+            logging.warning("mid-epoch resume is not supported for streamed data; running the whole epoch")
+        if self.shared_epoch is not None:
+            self.shared_epoch.set(epoch)
+
+
+def load_rgb(source: ImageSource | Path) -> Image.Image:
+    """Decode any PIL-readable image (grayscale, CMYK, palette, alpha, ...) to RGB."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
+        return image.convert("RGB")
+
+
+def _tokenize_all(tokenizer: Tokenizer, texts: list[str], chunk: int = 1024) -> torch.Tensor:
+    return torch.cat([tokenizer(texts[i : i + chunk]) for i in range(0, len(texts), chunk)]).long()
+
+
+def _pin_memory() -> bool:
+    return torch.cuda.is_available()
+
+
+class PairDataset(Dataset):
+    """Every (image, caption) pair, flattened image by image: item i -> (image, tokens).
+
+    Augmentation is seeded from (seed, epoch, i): reproducible for any world size or
+    worker count. `offsets` delimit each image's pairs, for one-caption-per-image epochs.
+    """
+
+    def __init__(self, images: Sequence[ImageSource], captions: list[list[str]], transform: Callable,
+                 tokenizer: Tokenizer, seed: int, epoch: SharedEpoch) -> None:
+        counts = torch.tensor([len(c) for c in captions], dtype=torch.long)
+        self.images = images
+        self.captions = [c for cs in captions for c in cs]
+        self.pair_image = torch.repeat_interleave(torch.arange(len(images)), counts)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        self.transform, self.tokenizer, self.seed, self.epoch = transform, tokenizer, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with seeded_rng(sample_seed(self.seed, self.epoch.get(), i)):
+            image = self.transform(load_rgb(self.images[int(self.pair_image[i])]))
+        return image, self.tokenizer([self.captions[i]])[0]
+
+
+class ImageDataset(Dataset):
+    """Unique evaluation images: item i -> (image, i)."""
+
+    def __init__(self, images: Sequence[ImageSource], transform: Callable) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_rgb(self.images[i])), i
+
+
+class SyntheticDataset(Dataset):
+    """Random noise images with random word captions, deterministic per item (benchmarks)."""
+
+    WORDS = ("a", "photo", "of", "red", "blue", "small", "large", "dog", "cat", "car", "tree", "house")
+
+    def __init__(self, size: int, image_size: int, transform: Callable, tokenizer: Tokenizer, seed: int,
+                 epoch: SharedEpoch) -> None:
+        self.size, self.image_size = size, image_size
+        self.transform, self.tokenizer, self.seed, self.epoch = transform, tokenizer, seed, epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, 0, i))
+        pixels = torch.randint(0, 256, (self.image_size, self.image_size, 3), dtype=torch.uint8, generator=g)
+        words = torch.randint(len(self.WORDS), (8,), generator=g).tolist()
+        with seeded_rng(sample_seed(self.seed, self.epoch.get(), i)):
+            image = self.transform(Image.fromarray(pixels.numpy()))
+        return image, self.tokenizer([" ".join(self.WORDS[w] for w in words)])[0]
+
+
+def _transform_size(transform: Callable, default: int = 224) -> int:
+    """The first size a (torchvision Compose) transform resizes/crops to, for synthetic images."""
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, (tuple, list)) and size:
+            return int(max(size))
+    return default
+
+
+@dataclass
+class RetrievalData:
+    images: ImageDataset  # unique images -> (image_tensor, image_index)
+    texts: torch.Tensor  # [T, ctx] tokenised captions, grouped by image in image order
+    text_to_image: torch.Tensor  # [T] image index of each caption
+    captions: list[str]
+
+    def image_loader(self, rank: int, world_size: int, batch_size: int, workers: int) -> DataLoader:
+        """This rank's contiguous block of images, in order, yielding (images, image_indices)."""
+        shard = contiguous_shard(len(self.images), rank, world_size)
+        return DataLoader(
+            Subset(self.images, range(shard.start, shard.stop)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=_pin_memory(),
+        )
+
+    def text_shard(self, rank: int, world_size: int) -> slice:
+        """This rank's contiguous block of texts."""
+        return contiguous_shard(len(self.texts), rank, world_size)
+
+
+def _resolve_type(dataset_type: str, path: str) -> str:
+    if dataset_type != "auto":
+        return dataset_type
+    suffix = path.rsplit(".", 1)[-1].lower()
+    kinds = {"json": "coco", "csv": "csv", "tsv": "csv", "tar": "webdataset"}
+    if suffix not in kinds:
+        raise ValueError(f"{path}: cannot infer the dataset type from '.{suffix}'; set dataset_type")
+    return kinds[suffix]
+
+
+def _load_captioned(kind: str, path: str, image_root: str | None,
+                    cfg: DataCfg) -> tuple[list[str], list[list[str]]]:
+    if kind == "coco":
+        coco = load_coco_captions(path, image_root)
+        return coco.paths, coco.captions
+    if kind == "csv":
+        return load_csv_captions(path, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator, image_root)
+    raise ValueError(f"dataset type {kind!r} has no image/caption file")
+
+
+def _map_train(dataset: Dataset, cfg: DataCfg, rank: int, world_size: int, epoch: SharedEpoch,
+               group_offsets: torch.Tensor | None = None) -> DataInfo:
+    sampler = GlobalBatchSampler(
+        len(dataset), cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+        group_offsets=group_offsets, max_samples=cfg.train_num_samples, shared_epoch=epoch,
+    )
+    if sampler.num_batches == 0:
+        source = cfg.train_data or cfg.dataset_type
+        raise ValueError(f"{source}: {sampler.epoch_size} training samples per epoch do not fill "
+                         f"one global batch of {cfg.batch_size} x {world_size} ranks")
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        pin_memory=_pin_memory(),
+        generator=torch.Generator().manual_seed(cfg.seed + rank),  # worker base seeds
+    )
+    global_batch = cfg.batch_size * world_size
+    return DataInfo(loader, sampler, sampler.num_batches * global_batch, sampler.num_batches)
+
+
+def _train(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer, rank: int, world_size: int) -> DataInfo:
+    kind = _resolve_type(cfg.dataset_type, cfg.train_data or "")
+    epoch = SharedEpoch()
+    if kind == "synthetic":
+        if cfg.train_num_samples is None:
+            raise ValueError("synthetic training data needs train_num_samples")
+        dataset = SyntheticDataset(cfg.train_num_samples, _transform_size(transform), transform, tokenizer,
+                                   cfg.seed, epoch)
+        return _map_train(dataset, cfg, rank, world_size, epoch)
+    if kind == "webdataset":
+        streamed = build_wds_train(
+            cfg.train_data, transform, tokenizer, batch_size=cfg.batch_size, workers=cfg.workers,
+            seed=cfg.seed, rank=rank, world_size=world_size, num_samples=cfg.train_num_samples,
+            resampled=cfg.dataset_resampled, pin_memory=_pin_memory(),
+        )
+        return DataInfo(streamed.loader, None, streamed.num_samples, streamed.num_batches,
+                        streamed.shared_epoch)
+    images, captions = _load_captioned(kind, cfg.train_data, cfg.train_image_root, cfg)
+    dataset = PairDataset(images, captions, transform, tokenizer, cfg.seed, epoch)
+    groups = dataset.offsets if cfg.coco_caption_sampling == "random" else None
+    return _map_train(dataset, cfg, rank, world_size, epoch, groups)
+
+
+def _val(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer) -> RetrievalData:
+    kind = _resolve_type(cfg.dataset_type, cfg.val_data)
+    if kind == "webdataset":
+        images, captions = load_wds_eval(cfg.val_data, cfg.val_num_samples)
+    else:
+        images, captions = _load_captioned(kind, cfg.val_data, cfg.val_image_root, cfg)
+        images, captions = images[: cfg.val_num_samples], captions[: cfg.val_num_samples]
+    flat = [c for cs in captions for c in cs]
+    counts = torch.tensor([len(cs) for cs in captions], dtype=torch.long)
+    return RetrievalData(
+        images=ImageDataset(images, transform),
+        texts=_tokenize_all(tokenizer, flat),
+        text_to_image=torch.repeat_interleave(torch.arange(len(images)), counts),
+        captions=flat,
+    )
+
+
+def get_data(cfg: DataCfg, preprocess_train: Callable, preprocess_val: Callable, tokenizer: Tokenizer,
+             rank: int = 0, world_size: int = 1) -> dict:
+    """{'train': DataInfo} if there is training data, {'val': RetrievalData} if val_data."""
+    data: dict = {}
+    if cfg.train_data or cfg.dataset_type == "synthetic":
+        data["train"] = _train(cfg, preprocess_train, tokenizer, rank, world_size)
+    if cfg.val_data:
+        data["val"] = _val(cfg, preprocess_val, tokenizer)
+    return data

@@ -1,0 +1,182 @@
+"""WebDataset tar shards (upstream layout: jpg/png/jpeg/webp image + txt caption per sample).
+
+Training streams shards as upstream does (shard shuffle per epoch, split by rank and by
+worker, sample shuffle buffer, fixed number of batches per worker), but every random
+choice is seeded from (seed, epoch, rank, worker) or, for augmentation, from
+(seed, epoch, sample key), so runs are reproducible. Evaluation reads the shards
+sequentially in this process.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import random
+import zlib
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from .sampler import SharedEpoch, sample_seed, seeded_rng
+
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
+_SAMPLE_SHUFFLE_SIZE = 5000  # upstream's buffer sizes
+_SAMPLE_SHUFFLE_INITIAL = 1000
+
+
+@dataclass
+class WdsTrain:
+    loader: DataLoader
+    num_samples: int  # global samples per epoch, rounded up to whole batches per worker
+    num_batches: int  # per rank
+    shared_epoch: SharedEpoch
+
+
+def shard_urls(spec: str) -> list[str]:
+    """Brace-expanded urls, '::' separating several lists (as upstream)."""
+    return list(wds.shardlists.expand_urls(spec))
+
+
+def dataset_size(urls: list[str]) -> int | None:
+    """Total samples from sizes.json or __len__ next to the first shard (as upstream)."""
+    folder = Path(urls[0]).parent
+    if (folder / "sizes.json").exists():
+        sizes = json.loads((folder / "sizes.json").read_text())
+        try:
+            return sum(int(sizes[Path(u).name]) for u in urls)
+        except KeyError:
+            return None  # sizes.json does not cover every shard
+    if (folder / "__len__").exists():
+        return int(ast.literal_eval((folder / "__len__").read_text()))
+    return None
+
+
+def _worker_id() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _stream_seed(seed: int, epoch: int, rank: int) -> int:
+    worker, num_workers = _worker_id()
+    return sample_seed(seed, epoch, rank * num_workers + worker)
+
+
+def _train_shards(urls: list[str], seed: int, epoch: SharedEpoch, rank: int, world_size: int,
+                  resampled: bool) -> Callable[[], Iterator[dict]]:
+    """Shard urls for this rank and worker: a seeded permutation, or draws with replacement."""
+
+    def shuffled() -> Iterator[dict]:
+        order = list(urls)
+        random.Random(seed + epoch.get()).shuffle(order)  # same on every rank and worker
+        worker, num_workers = _worker_id()
+        mine = islice(order, rank * num_workers + worker, None, world_size * num_workers)
+        return (dict(url=u) for u in mine)
+
+    def drawn() -> Iterator[dict]:
+        rng = random.Random(_stream_seed(seed, epoch.get(), rank))  # distinct per rank and worker
+        while True:  # endless: with_epoch decides when the epoch ends
+            yield dict(url=rng.choice(urls))
+
+    return drawn if resampled else shuffled
+
+
+def _has_image_and_text(sample: dict) -> bool:
+    return "txt" in sample and any(ext in sample for ext in IMAGE_EXTS)
+
+
+def build_train(
+    spec: str,
+    transform: Callable,
+    tokenizer: Callable,
+    *,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_samples: int | None,
+    resampled: bool,
+    pin_memory: bool,
+) -> WdsTrain:
+    urls = shard_urls(spec)
+    num_samples = num_samples or dataset_size(urls)
+    if not num_samples:
+        raise ValueError(
+            f"{spec}: webdataset training needs train_num_samples "
+            "(no sizes.json or __len__ next to the shards)"
+        )
+    if not resampled and len(urls) < max(1, workers) * world_size:
+        raise ValueError(
+            f"{spec}: {len(urls)} shards cannot feed {max(1, workers)} workers x {world_size} ranks; "
+            "use fewer workers, more shards, or dataset_resampled"
+        )
+    epoch = SharedEpoch()
+
+    def shuffle_samples(src: Iterator[dict]) -> Iterator[dict]:
+        rng = random.Random(_stream_seed(seed, epoch.get(), rank))
+        # webdataset's public shuffle stage fixes its rng at construction; we need one per epoch.
+        return wds.filters._shuffle(src, _SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, rng)
+
+    def to_pair(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        key = zlib.crc32(f"{sample['__url__']}/{sample['__key__']}".encode())
+        with seeded_rng(sample_seed(seed, epoch.get(), key)):
+            image = transform(sample["image"])
+        return image, tokenizer([sample["text"]])[0]
+
+    pipeline = wds.DataPipeline(
+        _train_shards(urls, seed, epoch, rank, world_size, resampled),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        shuffle_samples,
+        wds.select(_has_image_and_text),
+        wds.decode("pilrgb", handler=wds.warn_and_continue),
+        wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
+        wds.map(to_pair, handler=wds.warn_and_continue),
+        wds.batched(batch_size, partial=False),
+    )
+    # As upstream: round up to whole batches per worker, so every rank runs the same count.
+    num_workers = max(1, workers)
+    worker_batches = math.ceil(math.ceil(num_samples / (batch_size * world_size)) / num_workers)
+    pipeline = pipeline.with_epoch(worker_batches)
+    num_batches = worker_batches * num_workers
+    loader = DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed + rank),
+    )
+    return WdsTrain(loader, num_batches * batch_size * world_size, num_batches, epoch)
+
+
+def load_eval(spec: str, max_images: int | None = None) -> tuple[list[bytes], list[list[str]]]:
+    """Encoded images with their captions, read in shard order.
+
+    Samples whose image bytes are identical are one image (per-pair shards repeat an image
+    once per caption), so its other captions are not negatives. max_images stops reading
+    at the first new image beyond the cap.
+    """
+    images: list[bytes] = []
+    captions: list[list[str]] = []
+    index: dict[bytes, int] = {}
+    samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(spec)), wds.tarfile_to_samples())
+    for sample in filter(_has_image_and_text, samples):
+        data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+        caption = sample["txt"].decode("utf-8").strip()
+        digest = hashlib.sha1(data).digest()
+        if digest not in index:
+            if max_images is not None and len(images) >= max_images:
+                break
+            index[digest] = len(images)
+            images.append(data)
+            captions.append([])
+        captions[index[digest]].append(caption)
+    if not images:
+        raise ValueError(f"{spec}: no samples with an image and a txt caption")
+    return images, captions
