@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from .data import DataCfg
+from .errors import UserError
 from .freeze import FreezeCfg, TowerSchedule
 from .losses import LossCfg
 from .optim import OptimCfg
+
+
+SCHEDULES = ("cosine", "const", "const-cooldown")
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,14 @@ class RunCfg:
     output: OutputCfg
     dist: DistCfg
     dry_run: bool = False
+    trust_checkpoint: bool = False
     settings: Dict[str, Any] = field(default_factory=dict)  # every resolved flag, for params.txt
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> "RunCfg":
         a = args
+        if a.lr_scheduler not in SCHEDULES:
+            raise UserError(f"--lr-scheduler {a.lr_scheduler!r}: choose one of {', '.join(SCHEDULES)}")
         freeze = FreezeCfg(
             image=TowerSchedule(
                 lock=a.lock_image,
@@ -154,7 +161,7 @@ class RunCfg:
                 no_augment=a.no_augment,
             ),
             optim=OptimCfg(name=a.opt, lr=a.lr, beta1=a.beta1, beta2=a.beta2, eps=a.eps, weight_decay=a.wd,
-                           momentum=getattr(a, "momentum", None) or 0.9),
+                           momentum=0.9 if getattr(a, "momentum", None) is None else a.momentum),
             loss=LossCfg(local_loss=a.local_loss, gather_with_grad=a.gather_with_grad, siglip=a.siglip,
                          loss_dist_impl=a.loss_dist_impl),
             freeze=freeze,
@@ -173,5 +180,6 @@ class RunCfg:
             ),
             dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
             dry_run=a.dry_run,
+            trust_checkpoint=a.trust_checkpoint,
             settings=dict(vars(a)),
         )

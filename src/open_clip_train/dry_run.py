@@ -28,6 +28,6 @@ def describe(cfg: RunCfg) -> List[str]:
             lines.append("  " + plan.describe_tower(tower, phase.rules))
         for g in make_groups(model, phase.rules, cfg.optim):
             n = sum(p.numel() for p in g["params"])
-            lines.append(f"  group {g['name']:<30} {n:>12,} params  lr {cfg.optim.lr * g['lr_scale']:.3e} "
+            lines.append(f"  group {g['name']:<30} {n:>12,} params  lr {(cfg.optim.lr or 0.0) * g['lr_scale']:.3e} "
                          f"(x{g['lr_scale']:g})  wd {g['weight_decay']:g}")
     return lines

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
+import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -292,19 +292,35 @@ def build_plan(model: nn.Module, cfg: FreezeCfg, epochs: int) -> FreezePlan:
     names = [n for n, _ in model.named_parameters()]
     notes: List[str] = []
 
+    # The CLI validates regexes and signs already; FreezeCfg built in code gets the same messages.
+    for p in (*cfg.lock_patterns, *(p for p, _ in cfg.lr_mults)):
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise UserError(f"invalid parameter-name regex {p!r}: {e}") from None
+    for p, mult in cfg.lr_mults:
+        if not mult >= 0:
+            raise UserError(f"--lr-mult {p}={mult}: the multiplier must be >= 0 (0 freezes)")
     pattern_hits = {p: [n for n in names if re.search(p, n)] for p in cfg.lock_patterns}
     for p, hit in pattern_hits.items():
         if not hit:
             raise UserError(f"--lock-pattern {p!r} matches no parameter; check the names with --dry-run")
-    mult_hits = {p: [n for n in names if re.search(p, n)] for p, _ in cfg.lr_mults}
-    for p, hit in mult_hits.items():
+    seen_mults: Dict[str, float] = {}
+    for p, mult in cfg.lr_mults:
+        if p in seen_mults:
+            raise UserError(f"--lr-mult pattern {p!r} is given twice ({seen_mults[p]:g} and {mult:g}); give it once")
+        seen_mults[p] = mult
+    mult_hits = [[n for n in names if re.search(p, n)] for p, _ in cfg.lr_mults]
+    for (p, _), hit in zip(cfg.lr_mults, mult_hits):
         if not hit:
-            raise UserError(f"--lr-mult pattern {p!r} matches no parameter")
+            raise UserError(f"--lr-mult pattern {p!r} matches no parameter; check the names with --dry-run")
     if cfg.new_lr_scale < 0:
         raise UserError(f"--unfreeze-new-lr-scale must be >= 0 (got {cfg.new_lr_scale})")
 
     frozen_start: set = set()
     never: set = {n for n in names if _lr_mult(n, cfg.lr_mults) == 0}
+    if never:
+        notes.append(f"--lr-mult ...=0 freezes {len(never)} params for the whole run")
     unlocks: List[Unlock] = []
     for tower in TOWERS:
         sched, layout = cfg.tower(tower), layouts[tower]
@@ -313,13 +329,17 @@ def build_plan(model: nn.Module, cfg: FreezeCfg, epochs: int) -> FreezePlan:
         if unlock is not None:
             unlocks.append(unlock)
 
-    frozen_start |= never
+    # logit_scale/logit_bias belong to no tower; a --lock-pattern naming them still freezes them.
+    shared_by_pattern = {n for hit in pattern_hits.values() for n in hit if tower_of(n) == "shared"}
+    if shared_by_pattern:
+        notes.append(f"shared: froze {', '.join(sorted(shared_by_pattern))} by --lock-pattern")
+    frozen_start |= never | shared_by_pattern
     base = {n: ParamRule("base", _lr_mult(n, cfg.lr_mults), 0) for n in names if n not in frozen_start}
     plan = FreezePlan(layouts, base, unlocks, epochs, notes, cfg)
 
     # An --lr-mult that only touches parameters frozen for the whole run is a mistake.
     ever_trainable = set(base) | {n for u in unlocks for n in u.names}
-    for (p, mult), hit in zip(cfg.lr_mults, mult_hits.values()):
+    for (p, mult), hit in zip(cfg.lr_mults, mult_hits):
         if mult != 0 and not any(n in ever_trainable for n in hit):
             raise UserError(f"--lr-mult {p}={mult} only matches parameters that stay frozen all run")
     return plan
@@ -330,7 +350,8 @@ def _tower_frozen_at_start(tower, sched: TowerSchedule, layout: TowerLayout, pat
     by_pattern = {n for hit in pattern_hits.values() for n in hit if n in tower_names}
     n_groups = len(layout.groups)
     if not 0 <= sched.unlocked_groups <= n_groups:
-        raise UserError(f"{_flag(tower, 'start_n')} {sched.unlocked_groups}: the {tower} tower has {n_groups} groups")
+        raise UserError(f"{_flag(tower, 'start_n')} {sched.unlocked_groups}: must be between 0 and {n_groups} "
+                        f"(the {tower} tower has {n_groups} layer groups)")
     if sched.unlocked_groups and not sched.lock:
         raise UserError(f"{_flag(tower, 'start_n')} needs {_flag(tower, 'lock')}")
     if by_pattern:
@@ -369,7 +390,8 @@ def _tower_unlock(tower, sched, layout, frozen_start, never, epochs, notes) -> O
     n_groups = len(layout.groups)
     count = sched.unfreeze_groups
     if count is not None and not 1 <= count <= n_groups:
-        raise UserError(f"{_flag(tower, 'n')} {count}: the {tower} tower has {n_groups} groups")
+        raise UserError(f"{_flag(tower, 'n')} {count}: must be between 1 and {n_groups} "
+                        f"(the {tower} tower has {n_groups} layer groups)")
     groups = layout.groups if count is None else layout.groups[n_groups - count:]
     wanted = [n for g in groups for n in g]
     if count is None:
@@ -379,8 +401,7 @@ def _tower_unlock(tower, sched, layout, frozen_start, never, epochs, notes) -> O
         raise UserError(f"{_flag(tower, 'at')} {epoch}: nothing left to unlock in the {tower} tower")
     if epoch == epochs:
         msg = f"{_flag(tower, 'at')} {epoch} is never reached: the run ends after epoch {epochs}"
-        warnings.warn(msg)
-        logging.warning(msg)
+        logging.warning(msg)  # one line (warnings.warn would add a second one with a source line)
         notes.append(msg)
     return Unlock(epoch, tower, new, f"unlock_{tower}@{epoch}")
 
@@ -396,45 +417,63 @@ def apply_trainable(model: nn.Module, trainable: Sequence[str]) -> None:
         p.requires_grad_(n in keep)
 
 
-def frozen_modules(model: nn.Module) -> List[nn.Module]:
-    """Maximal submodules whose parameters are all frozen (they hold drop-path/dropout/norms)."""
-    out: List[nn.Module] = []
+def _frozen_named_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Maximal submodules (with their names) whose parameters are all frozen."""
+    out: List[Tuple[str, nn.Module]] = []
 
-    def visit(m: nn.Module) -> None:
+    def visit(name: str, m: nn.Module) -> None:
         params = list(m.parameters())
         if params and not any(p.requires_grad for p in params):
-            out.append(m)
+            out.append((name, m))
             return
-        for child in m.children():
-            visit(child)
+        for child_name, child in m.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
 
-    for child in model.children():
-        visit(child)
+    for child_name, child in model.named_children():
+        visit(child_name, child)
     return out
 
 
+def frozen_modules(model: nn.Module) -> List[nn.Module]:
+    """Maximal submodules whose parameters are all frozen (they hold drop-path/dropout/norms)."""
+    return [m for _, m in _frozen_named_modules(model)]
+
+
+def _eval_targets(model: nn.Module, scope: str) -> List[nn.Module]:
+    if scope == "all":
+        return frozen_modules(model)
+    # 'bn': upstream's --lock-image-freeze-bn-stats, BatchNorm of frozen image-tower modules only.
+    return [sub for name, m in _frozen_named_modules(model) if name == "visual" or name.startswith("visual.")
+            for sub in m.modules() if isinstance(sub, nn.modules.batchnorm._BatchNorm)]
+
+
+def _train_keeping_frozen_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    type(self).train(self, mode)
+    if mode:
+        # Recomputed on every call: an unlock flips requires_grad, the next train() follows it.
+        for m in _eval_targets(self, self._frozen_eval_scope):
+            m.eval()
+    return self
+
+
+def _install_train_override(model: nn.Module, scope: str) -> None:
+    # A bound method in the instance dict (not a closure over `model`) so that deepcopy (e.g. an EMA
+    # copy) rebinds it to the copy; DDP's train() reaches it through children().
+    model._frozen_eval_scope = scope
+    model.train = types.MethodType(_train_keeping_frozen_eval, model)  # type: ignore[method-assign]
+    if model.training:
+        model.train(True)
+
+
 def install_frozen_eval(model: nn.Module) -> None:
-    """Keep frozen parts in eval mode (no drop-path, dropout or norm-stat updates), re-applied
-    on every `model.train()`; DDP's `train()` reaches it through `children()`."""
-    if getattr(model, "_frozen_eval_installed", False):
-        return
-    plain_train = model.train
-
-    def train(mode: bool = True):
-        plain_train(mode)
-        if mode:
-            for m in frozen_modules(model):
-                m.eval()
-        return model
-
-    model.train = train  # type: ignore[method-assign]
-    model._frozen_eval_installed = True
+    """Keep frozen parts in eval mode (no drop-path, dropout or norm-stat updates), applied now and
+    re-applied on every `model.train()`, also when called through a DDP wrapper."""
+    _install_train_override(model, "all")
 
 
 def freeze_bn_stats(model: nn.Module) -> None:
-    """Upstream's --lock-image-freeze-bn-stats for --frozen-train-mode: BN layers of frozen
-    modules stay in eval mode."""
-    for m in frozen_modules(model):
-        for sub in m.modules():
-            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                sub.eval()
+    """Upstream's --lock-image-freeze-bn-stats for --frozen-train-mode: BN layers of frozen image
+    modules stay in eval mode, also across later `model.train()` calls (which would undo a one-off
+    `.eval()`). A no-op on top of `install_frozen_eval`, which already covers them."""
+    if getattr(model, "_frozen_eval_scope", None) != "all":
+        _install_train_override(model, "bn")

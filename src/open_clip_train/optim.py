@@ -54,6 +54,8 @@ def make_groups(
                 "name": label,
                 "params": [],
                 "param_names": [],
+                # Scaled from the start: with --skip-scheduler nothing else ever sets a group's lr.
+                **({"lr": cfg.lr * rule.lr_scale} if cfg.lr is not None else {}),
                 "lr_scale": rule.lr_scale,
                 "weight_decay": wd,
                 "ramp_start": ramp_start if is_unlock else 0,
@@ -67,16 +69,23 @@ def make_groups(
 def build_optimizer(groups: List[dict], cfg: OptimCfg) -> torch.optim.Optimizer:
     if not groups:
         raise UserError("nothing to train: every parameter is frozen at the start of the run")
-    if cfg.name == "adamw":
+    name = cfg.name.lower()
+    if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if cfg.name == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    try:  # upstream also accepts timm optimizer names
+    try:  # upstream spells timm optimizers 'timm/{name}'; timm's registry knows them without the prefix
         from timm.optim import create_optimizer_v2
     except ImportError:  # pragma: no cover
         raise UserError(f"unknown optimizer {cfg.name!r}") from None
-    try:
-        return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    kwargs = {}
+    if cfg.eps is not None:
+        kwargs["eps"] = cfg.eps
+    if cfg.beta1 is not None and cfg.beta2 is not None:
+        kwargs["betas"] = (cfg.beta1, cfg.beta2)
+    try:  # our groups go in as they are: timm keeps their weight decay and lr
+        return create_optimizer_v2(groups, opt=name.removeprefix("timm/"), lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay, momentum=cfg.momentum, **kwargs)
     except Exception as e:  # timm raises assorted errors for unknown names
         raise UserError(f"--opt {cfg.name}: {e}") from None
 
@@ -92,7 +101,8 @@ def add_groups(optimizer: torch.optim.Optimizer, groups: Sequence[dict]) -> None
 
 def apply_lr(optimizer: torch.optim.Optimizer, step: int, base_lr: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = base_lr * g["lr_scale"] * ramp(step, g["ramp_start"], g["ramp_steps"])
+        # .get: a group added by other code (no metadata) just follows the schedule.
+        g["lr"] = base_lr * g.get("lr_scale", 1.0) * ramp(step, g.get("ramp_start", 0), g.get("ramp_steps", 0))
 
 
 def group_layout(optimizer: torch.optim.Optimizer) -> List[dict]:

@@ -489,6 +489,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dry-run", default=False, action="store_true",
         help="Validate the configuration, build everything, then exit before training.")
+    g.add_argument(
+        "--trust-checkpoint", default=False, action="store_true",
+        help="Allow checkpoints/weights that need full unpickling (only for files you trust).")
 
 
 _GROUPS = (

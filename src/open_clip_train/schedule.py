@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import UserError
+
+KINDS = ("cosine", "const", "const-cooldown")
+
 
 @dataclass(frozen=True)
 class ScheduleCfg:
@@ -19,6 +23,13 @@ class ScheduleCfg:
     cooldown_steps: int = 0
     cooldown_power: float = 1.0
     cooldown_end_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Checked when the run is built: lr_at would only trip over a typo once warm-up is over.
+        if self.kind not in KINDS:
+            raise UserError(f"--lr-scheduler {self.kind!r}: expected one of {', '.join(KINDS)}")
+        if self.warmup_steps < 0 or self.cooldown_steps < 0:
+            raise UserError("--warmup and --epochs-cooldown must be >= 0")
 
 
 def _warmup(base_lr: float, warmup_steps: int, step: int) -> float:
@@ -39,7 +50,8 @@ def lr_at(step: int, cfg: ScheduleCfg) -> float:
         start_cooldown = cfg.total_steps - cfg.cooldown_steps
         if step < start_cooldown:
             return cfg.base_lr
-        frac = (step - start_cooldown) / max(cfg.cooldown_steps, 1)
+        # Clamped: past the end a fractional power of a negative base would turn complex.
+        frac = min(1.0, (step - start_cooldown) / max(cfg.cooldown_steps, 1))
         decay = (1 - frac) ** cfg.cooldown_power
         return decay * (cfg.base_lr - cfg.cooldown_end_lr) + cfg.cooldown_end_lr
     raise ValueError(f"unknown lr schedule {cfg.kind!r}")
