@@ -37,10 +37,14 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
+    """torch / numpy / python RNG states as tensors and plain containers (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "python": repr(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -48,9 +52,17 @@ def rng_state() -> Dict[str, Any]:
 
 
 def restore_rng(state: Dict[str, Any]) -> None:
+    """Inverse of `rng_state` (older checkpoints hold only the torch state)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state.get("numpy")
+    if isinstance(np_state, dict):
+        keys = np_state["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    py_state = state.get("python")
+    if isinstance(py_state, dict):
+        random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss_next"]))
 
 
 def list_checkpoints(ckpt_dir: Path) -> Dict[int, Path]:
@@ -74,16 +86,19 @@ def find_latest(ckpt_dir: Path) -> Optional[Path]:
 
 
 def load(path: Path, trust: bool = False) -> Dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects unless the user trusts it."""
+    """Load a checkpoint without unpickling arbitrary objects (`trust=True` allows them: only for
+    files you made yourself). Our checkpoints and upstream's hold tensors and plain containers."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # unpickling refused or a corrupt file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if not trust and "weights_only" in str(e):
-            raise UserError(f"checkpoint {path} holds objects beyond tensors; pass --trust-checkpoint if you trust it") from None
-        raise UserError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
+            raise UserError(f"checkpoint {path} holds pickled objects beyond tensors and plain containers; "
+                            f"refusing to load it ({first})") from None
+        raise UserError(f"checkpoint {path} cannot be read: {first}") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} is not a dict of tensors")
     return obj

@@ -14,7 +14,7 @@ from .optim import make_groups
 
 def describe(cfg: RunCfg) -> List[str]:
     torch.manual_seed(cfg.train.seed)
-    model, _ = create_model(cfg.model.name, precision="fp32", device="cpu")
+    model, _ = create_model(cfg.model.name, precision="fp32", device="meta")  # shapes only: fast
     plan = build_plan(model, cfg.freeze, cfg.train.epochs)
     lines = [f"dry run: model {cfg.model.name}, {cfg.train.epochs} epochs (no data read, no weights loaded)"]
     lines += [f"  note: {n}" for n in plan.notes]

@@ -1,70 +1,86 @@
-"""`python -m open_clip_train.main` / `torchrun -m open_clip_train.main`: parse, build, resume,
-train, close. User errors end as one `error: ...` line and exit code 2."""
+"""`python -m open_clip_train.main` / `torchrun -m open_clip_train.main`: parse, check, open the
+run, build, resume, train, close. User errors end as one `error: ...` line on stderr and exit
+code 2, found before any data is read where possible (`trainer.check_config`).
+
+Only the flag parser is imported at module level, so `--help` and flag errors answer at once;
+torch, open_clip and the trainer are imported once the flags are known to be valid.
+"""
 from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
-from . import checkpoint as ckpt
-from . import distributed as dist_env
-from .config import RunCfg
 from .errors import UserError
 from .params import parse_args
-from .run_outputs import default_name, prepare_run_dir, provenance, setup_logging, write_params
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import RunCfg
+    from .distributed import World
+    from .run_outputs import RunPaths
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the trainer; returns the exit code (0 ok, 2 user error; --help returns 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     try:
-        cfg = RunCfg.from_args(args)
+        args = parse_args(argv)  # prints its own one-line error
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        from .config import RunCfg
+
+        with _as_user_error("invalid configuration"):
+            cfg = RunCfg.from_args(args)
         if cfg.dry_run:
             return _dry_run(cfg)
         return _train(cfg, argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
+
+
+@contextmanager
+def _as_user_error(what: str) -> Iterator[None]:
+    """ValueErrors raised while mapping or resolving flags are the user's to fix."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
 
 
 def _dry_run(cfg: RunCfg) -> int:
     from .dry_run import describe
 
-    print("\n".join(describe(cfg)), flush=True)
+    with _as_user_error(f"--model {cfg.model.name}"):
+        lines = describe(cfg)
+    print("\n".join(lines), flush=True)
     return 0
 
 
 def _train(cfg: RunCfg, argv: List[str]) -> int:
-    from .trainer import Trainer
+    from . import distributed as dist_env
+    from .run_outputs import teardown_logging
+    from .trainer import Trainer, check_config
 
     world = dist_env.world_from_env()
+    check_config(cfg)  # before any process group, run directory or data
     device = dist_env.pick_device(world, cfg.dist.device if cfg.dist.device == "cpu" else "auto")
     backend = dist_env.init(world, device, cfg.dist.backend)
     trainer = None
     try:
-        name = cfg.output.name or dist_env.broadcast_object(default_name(
-            cfg.model.name, cfg.optim.lr, cfg.train.batch_size, cfg.data.workers, cfg.model.precision))
-        resuming = cfg.output.resume is not None
-        paths = prepare_run_dir(cfg.output.logs, name, resuming, world.is_master)
-        setup_logging(paths.log if world.is_master else None,
-                      logging.DEBUG if cfg.output.debug else logging.INFO, world.rank)
+        paths = _open_run(cfg, world, device, argv)
         logging.info(f"world: backend={backend if world.distributed else 'none'}, world_size={world.world_size}, "
                      f"rank={world.rank}, local_rank={world.local_rank}, nodes={world.num_nodes}, "
                      f"device={device}, from {world.source}")
-        if world.is_master:
-            settings = dict(cfg.settings, name=name, world_size=world.world_size, rank=world.rank,
-                            distributed=world.distributed, device=str(device))
-            write_params(paths.params, settings)
-            import json
-
-            (paths.root / "provenance.json").write_text(json.dumps(provenance(argv), indent=2))
-            for k in sorted(settings):
-                logging.debug(f"  {k}: {settings[k]}")
         trainer = Trainer.build(cfg, world, device, paths)
         resume_from = dist_env.broadcast_object(_resume_path(cfg, paths) if world.is_master else None)
         if resume_from is not None:
-            trainer.resume(resume_from, trust=getattr(cfg, "trust_checkpoint", False))
+            trainer.resume(resume_from)
         trainer.fit()
         dist_env.barrier()
         return 0
@@ -72,16 +88,48 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
         if trainer is not None:
             trainer.close()
         dist_env.close()
+        teardown_logging()
 
 
-def _resume_path(cfg: RunCfg, paths) -> Optional[Path]:
+def _open_run(cfg: RunCfg, world: World, device: torch.device, argv: List[str]) -> Optional[RunPaths]:
+    """Name the run, refuse to overwrite an earlier one (on every rank alike), create its
+    directory, start logging and record params.txt and provenance.json."""
+    from . import distributed as dist_env
+    from .run_outputs import (default_name, prepare_run_dir, run_dir_problem, run_paths, setup_logging,
+                              write_params, write_provenance)
+
+    out = cfg.output
+    name = out.name or dist_env.broadcast_object(default_name(
+        cfg.model.name, cfg.optim.lr, cfg.train.batch_size, cfg.data.workers, cfg.model.precision))
+    paths = run_paths(out.logs, name)
+    problem = dist_env.broadcast_object(run_dir_problem(paths, out.resume is not None) if world.is_master else None)
+    if problem:
+        raise UserError(problem)
+    if world.is_master:
+        prepare_run_dir(paths)
+    setup_logging(paths.log if paths is not None and world.is_master else None,
+                  logging.DEBUG if out.debug else logging.INFO, world.rank)
+    if world.is_master and paths is not None:
+        settings = dict(cfg.settings, name=name, world_size=world.world_size, rank=world.rank,
+                        distributed=world.distributed, device=str(device))  # resolved, as upstream
+        write_params(paths.params, settings)
+        write_provenance(paths.root / "provenance.json", argv)
+        for k in sorted(settings):
+            logging.debug(f"  {k}: {settings[k]}")
+    return paths
+
+
+def _resume_path(cfg: RunCfg, paths: Optional[RunPaths]) -> Optional[Path]:
+    from . import checkpoint as ckpt
+
     resume = cfg.output.resume
     if resume is None:
         return None
     if resume == "latest":
-        found = ckpt.find_latest(paths.checkpoints)
+        found = ckpt.find_latest(paths.checkpoints) if paths is not None else None
         if found is None:
-            logging.info(f"no checkpoint to resume in {paths.checkpoints}; starting fresh")
+            where = paths.checkpoints if paths is not None else "--log-dir none"
+            logging.info(f"--resume latest: no checkpoint to resume in {where}; starting fresh")
         return found
     return Path(resume)
 

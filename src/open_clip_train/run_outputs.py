@@ -7,7 +7,7 @@
     <logs>/<name>/checkpoints/results.jsonl  one JSON object per evaluation
     <logs>/<name>/tensorboard/               with --report-to tensorboard
 
-Only rank 0 writes files (every rank logs to its own stderr).
+Only rank 0 writes files (every rank logs to its own stderr). `--log-dir none` writes nothing.
 """
 from __future__ import annotations
 
@@ -61,15 +61,24 @@ def default_name(model: str, lr: float, batch_size: int, workers: int, precision
     return "-".join([date, f"model_{model.replace('/', '-')}", f"lr_{lr}", f"b_{batch_size}", f"j_{workers}", f"p_{precision}"])
 
 
-def prepare_run_dir(logs: str, name: str, resuming: bool, is_master: bool) -> RunPaths:
-    paths = RunPaths(Path(logs) / name)
-    if is_master:
-        if paths.log.exists() and not resuming:
-            raise UserError(
-                f"experiment {paths.root} already exists; use --name to start a new one or --resume latest to continue it"
-            )
+def run_paths(logs: Optional[str], name: str) -> Optional[RunPaths]:
+    """Where the run writes; None for `--log-dir none` (upstream: store nothing)."""
+    if not logs or str(logs).lower() == "none":
+        return None
+    return RunPaths(Path(logs) / name)
+
+
+def run_dir_problem(paths: Optional[RunPaths], resuming: bool) -> Optional[str]:
+    """Why this run may not use `paths` (an earlier run's log is there), or None."""
+    if paths is not None and paths.log.exists() and not resuming:
+        return (f"experiment {paths.root} already exists; use --name to start a new one "
+                "or --resume latest to continue it")
+    return None
+
+
+def prepare_run_dir(paths: Optional[RunPaths]) -> None:
+    if paths is not None:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    return paths
 
 
 def setup_logging(log_file: Optional[Path], level: int = logging.INFO, rank: int = 0) -> None:
@@ -77,10 +86,7 @@ def setup_logging(log_file: Optional[Path], level: int = logging.INFO, rank: int
     fmt = LOG_FORMAT if rank == 0 else f"%(asctime)s | rank {rank} | %(levelname)s | %(message)s"
     formatter = logging.Formatter(fmt, datefmt=DATE_FORMAT)
     root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_open_clip_train", False):
-            root.removeHandler(h)
-            h.close()
+    teardown_logging()
     root.setLevel(level)
     handlers: List[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
@@ -89,6 +95,16 @@ def setup_logging(log_file: Optional[Path], level: int = logging.INFO, rank: int
         h.setFormatter(formatter)
         h._open_clip_train = True  # so a second main() in one process does not double-log
         root.addHandler(h)
+
+
+def teardown_logging() -> None:
+    """Remove (and close) the handlers `setup_logging` added, so that `main()` called from a
+    test or notebook leaves no file open and no handler writing to a stale stream."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_open_clip_train", False):
+            root.removeHandler(h)
+            h.close()
 
 
 def write_params(path: Path, settings: Dict[str, Any]) -> None:
@@ -127,14 +143,18 @@ def read_results(path: Path) -> List[Dict[str, Any]]:
 
 
 def drop_results_after(path: Path, epoch: int) -> None:
-    """On resume from `epoch`, drop rows of later epochs (and half-written lines) so that
-    results.jsonl keeps exactly one row per evaluated epoch."""
+    """Before training from `epoch` on (0 for a fresh start, which drops every row), drop rows
+    of later epochs (and half-written lines), so results.jsonl keeps one row per evaluated epoch."""
     if not Path(path).exists():
         return
-    rows = [r for r in read_results(path) if r.get("epoch", 0) <= epoch]
+    rows = [r for r in read_results(path) if r.get("epoch", 0) <= epoch] if epoch > 0 else []
     tmp = Path(path).with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
+
+
+def write_provenance(path: Path, argv: List[str]) -> None:
+    Path(path).write_text(json.dumps(provenance(argv), indent=2) + "\n")
 
 
 def provenance(argv: List[str]) -> Dict[str, Any]:

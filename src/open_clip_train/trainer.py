@@ -12,9 +12,11 @@ import logging
 import math
 import random
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -34,6 +36,69 @@ from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_
 from .precision import autocast, grad_scaler, input_dtype
 from .run_outputs import Reporters, RunPaths, append_result, drop_results_after
 from .schedule import ScheduleCfg, lr_at
+
+
+@contextmanager
+def user_errors(what: str) -> Iterator[None]:
+    """Turn the library's ValueError / missing-file errors about user input into UserError."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+def _data_file_kind(dataset_type: str, path: str) -> Optional[str]:
+    """'coco' / 'csv' when `path` must be one local file, else None (webdataset URLs, synthetic)."""
+    if dataset_type in ("coco", "csv"):
+        return dataset_type
+    if dataset_type == "auto":
+        return {"json": "coco", "csv": "csv", "tsv": "csv"}.get(path.rsplit(".", 1)[-1].lower())
+    return None
+
+
+def check_config(cfg: RunCfg) -> None:
+    """User errors that need no data and no real weights, checked before any process group,
+    run directory or data read: the files the flags name, the model name, the tokenizer and
+    the whole freezing schedule (resolved on a meta-device model)."""
+    d, m = cfg.data, cfg.model
+    if not d.train_data and not d.val_data and d.dataset_type != "synthetic":
+        raise UserError("nothing to do: give --train-data and/or --val-data")
+    for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
+        if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: no such file")
+    for flag, path in (("--train-image-root", d.train_image_root), ("--val-image-root", d.val_image_root)):
+        if path and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: no such directory")
+    for flag, path in (("--pretrained", m.pretrained), ("--pretrained-image-path", m.pretrained_image_path),
+                       ("--pretrained-text-path", m.pretrained_text_path), ("--text-tokenizer", m.text_tokenizer)):
+        if path and not Path(path).exists():
+            raise UserError(f"{flag} {path}: no such file or directory (weights are only read from local paths)")
+    resume = cfg.output.resume
+    if resume is not None and resume != "latest" and not Path(resume).is_file():
+        raise UserError(f"--resume {resume}: no such checkpoint")
+    with _quiet():
+        with user_errors(f"--model {m.name}"):
+            skeleton, _ = create_model(m.name, device="meta")
+        with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
+            get_tokenizer(m.name, m.text_tokenizer)
+        build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No log output or warnings from the pre-flight build (the real build repeats them, into
+    out.log). The NullHandler also keeps `logging.info` from calling basicConfig(), which would
+    leave a second, unformatted stderr handler behind."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    root.addHandler(null)
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+        root.removeHandler(null)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -76,20 +141,21 @@ class Trainer:
     def build(cls, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths]) -> "Trainer":
         self = cls(cfg, world, device, paths)
         seed_everything(cfg.train.seed, 0)  # identical init on every rank
-        self.model, report = create_model(
-            cfg.model.name,
-            pretrained=cfg.model.pretrained,
-            pretrained_image=cfg.model.pretrained_image,
-            pretrained_image_path=cfg.model.pretrained_image_path,
-            pretrained_text_path=cfg.model.pretrained_text_path,
-            precision=cfg.model.precision,
-            device=device,
-        )
+        with user_errors(f"--model {cfg.model.name}"):
+            self.model, report = create_model(
+                cfg.model.name,
+                pretrained=cfg.model.pretrained,
+                pretrained_image=cfg.model.pretrained_image,
+                pretrained_image_path=cfg.model.pretrained_image_path,
+                pretrained_text_path=cfg.model.pretrained_text_path,
+                precision=cfg.model.precision,
+                device=device,
+            )
+            self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
         if report is not None:
             report.log(logging.getLogger())
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
         self.plan = build_plan(self.model, cfg.freeze, cfg.train.epochs)
         for note in self.plan.notes:
             logging.info(f"freeze: {note}")
@@ -99,7 +165,8 @@ class Trainer:
 
         preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
         preprocess_val = get_preprocess(self.model, is_train=False)
-        self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.tokenizer, world.rank, world.world_size)
+        with user_errors("data"):
+            self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.tokenizer, world.rank, world.world_size)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
         steps_per_epoch = self.train_data.num_batches // cfg.train.accum_freq if self.train_data else 0
@@ -144,8 +211,11 @@ class Trainer:
         return self.ddp if self.ddp is not None else self.model
 
     # ---------------------------------------------------------------- resume / save
-    def resume(self, path: Path, trust: bool = False) -> None:
-        state = ckpt.load(path, trust)
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint of this run's schedule: weights, the trainable set and param
+        groups by name as they were in the checkpoint's last epoch (later unlocks follow on
+        schedule in `enter_epoch`), optimizer and scaler state, step, RNG."""
+        state = ckpt.load(path)
         sd = ckpt.strip_module_prefix(state.get("state_dict", state))
         missing, unexpected = self.model.load_state_dict(sd, strict=False)
         if missing or unexpected:
@@ -154,6 +224,9 @@ class Trainer:
         epoch = int(state.get("epoch", 0))
         self.start_epoch = epoch
         self.step = int(state.get("step", epoch * self.steps_per_epoch))
+        if self.train_data is None:  # evaluating a checkpoint: its weights are all that matter
+            logging.info(f"=> loaded checkpoint '{path}' for evaluation (epoch {epoch})")
+            return
         # The trainable set during the checkpoint's last epoch, then today's unlocks on schedule.
         rules = self.plan.rules_at(max(epoch - 1, 0))
         apply_trainable(self.model, list(rules))
@@ -164,7 +237,7 @@ class Trainer:
                 raise UserError(f"checkpoint {path} trains a different parameter set than this run's freezing flags "
                                 f"({len(names)} vs {len(set(rules))} params); resume with the original flags")
             groups = groups_from_layout(self.model, layout)
-        else:
+        else:  # upstream's checkpoints: groups rebuilt from the flags, state restored if it fits
             groups = make_groups(self.model, rules, self.cfg.optim)
         self.optimizer = build_optimizer(groups, self.cfg.optim)
         if "optimizer" in state:
@@ -172,18 +245,20 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (ValueError, KeyError) as e:
                 if layout is not None:
-                    raise
+                    raise UserError(f"checkpoint {path}: optimizer state does not fit its param groups ({e})") from None
                 logging.warning(f"optimizer state not restored ({e}); continuing with fresh optimizer state")
+        check_coverage(self.model, self.optimizer)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             ckpt.restore_rng(state["rng"])
         self.applied_unlocks = {g["name"].split("/")[0] for g in self.optimizer.param_groups} - {"base"}
+        self._set_lr(self.step)
         self._wrap()
-        if self.paths is not None and self.world.is_master:
-            drop_results_after(self.paths.results, epoch)
         logging.info(f"=> resumed checkpoint '{path}' (epoch {epoch}, step {self.step})")
         logging.info(f"trainable params (RESUME at epoch {epoch}): {format_counts(count_trainable(self.model))}")
+        for line in group_table(self.optimizer):
+            logging.info(line)
 
     def state_dict(self, completed_epoch: int) -> dict:
         state = {
@@ -204,8 +279,8 @@ class Trainer:
         out = self.cfg.output
         if self.paths is None or not self.world.is_master:
             return
-        is_last = completed_epoch == self.cfg.train.epochs
-        periodic = out.save_frequency > 0 and (completed_epoch % out.save_frequency == 0 or is_last)
+        is_last = completed_epoch == self.cfg.train.epochs  # always saved, as upstream
+        periodic = is_last or (out.save_frequency > 0 and completed_epoch % out.save_frequency == 0)
         if not (periodic or out.save_most_recent):
             return
         state = self.state_dict(completed_epoch)
@@ -219,20 +294,27 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> None:
+        """Epochs start_epoch..epochs-1; after each: evaluate, then checkpoint (upstream's order,
+        so a checkpoint's epoch is always evaluated and results.jsonl keeps one row per epoch
+        whenever the run stops)."""
         cfg = self.cfg
+        if self.paths is not None and self.world.is_master:
+            drop_results_after(self.paths.results, self.start_epoch)
         if self.val_data is not None and cfg.eval.val_at_start and self.start_epoch == 0:
             self.evaluate(0)
         if self.train_data is None:
             if self.val_data is not None and not cfg.eval.val_at_start:
                 self.evaluate(self.start_epoch)
             return
+        if self.start_epoch >= cfg.train.epochs:
+            logging.info(f"nothing to train: the checkpoint has completed {self.start_epoch}/{cfg.train.epochs} epochs")
         for epoch in range(self.start_epoch, cfg.train.epochs):
             self.enter_epoch(epoch)
             self.train_epoch(epoch)
             completed = epoch + 1
-            self.save(completed)
             if self.val_data is not None and (completed % cfg.eval.val_frequency == 0 or completed == cfg.train.epochs):
                 self.evaluate(completed)
+            self.save(completed)
 
     def enter_epoch(self, epoch: int) -> None:
         """Apply the plan's unlocks for this epoch (idempotent across resumes)."""
@@ -270,8 +352,7 @@ class Trainer:
             if len(batches) < accum:
                 continue
             data_time = time.perf_counter() - t_data
-            if not cfg.train.skip_scheduler:
-                apply_lr(self.optimizer, self.step, lr_at(self.step, self.schedule))
+            self._set_lr(self.step)
             terms = self.train_step(batches)
             batches = []
             self.step += 1
@@ -282,6 +363,12 @@ class Trainer:
                 self._log_progress(epoch, steps_done, meter, epoch_t0)
                 meter = _Meter()
             t_data = time.perf_counter()
+
+    def _set_lr(self, step: int) -> None:
+        """Every group's lr for optimizer step `step`: the schedule's base lr (constant --lr with
+        --skip-scheduler) x the group's lr_scale x its unlock ramp."""
+        base = self.cfg.optim.lr if self.cfg.train.skip_scheduler else lr_at(step, self.schedule)
+        apply_lr(self.optimizer, step, base)
 
     def train_step(self, batches: List) -> Dict[str, float]:
         """One optimizer step over `accum_freq` micro-batches; returns the loss terms."""
@@ -366,7 +453,13 @@ class Trainer:
         per_step = (time.perf_counter() - epoch_t0) / steps_done
         remaining = (total_steps - steps_done) + total_steps * (self.cfg.train.epochs - epoch - 1)
         eta = _fmt_time(per_step * remaining)
-        losses = " ".join(f"{k.capitalize()}: {v / meter.steps:#.5g}" for k, v in meter.losses.items())
+        # Each rank's loss covers its local rows (--local-loss); the mean over ranks is the
+        # global batch's loss, so the logged value does not depend on how the batch is split.
+        names = list(meter.losses)
+        means = dist_env.all_reduce_mean(
+            torch.tensor([meter.losses[k] / meter.steps for k in names], dtype=torch.float64, device=self.device))
+        mean_loss = dict(zip(names, means.tolist()))
+        losses = " ".join(f"{k.capitalize()}: {v:#.5g}" for k, v in mean_loss.items())
         lrs = " ".join(f"{g['name']}={g['lr']:.3e}" for g in self.optimizer.param_groups)
         n_done = steps_done * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
         n_total = total_steps * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
@@ -378,7 +471,7 @@ class Trainer:
             f"{losses} ETA: {eta}"
         )
         if self.reporters is not None:
-            values = {f"train/{k}": v / meter.steps for k, v in meter.losses.items()}
+            values = {f"train/{k}": v for k, v in mean_loss.items()}
             values.update({f"train/lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
             values.update({"train/samples_per_second": sps, "train/scale": logit_scale})
             values.update({f"train/trainable_{k}": v for k, v in count_trainable(self.model).items()})

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Shared launcher for the recipes in this folder: every knob is an environment variable.
+#
+#   NPROC_PER_NODE  processes (GPUs) per node        (default: the recipe's world size)
+#   NNODES          nodes                             (default 1)
+#   NODE_RANK       this node's rank                  (default 0)
+#   MASTER_ADDR     rendezvous host                   (default 127.0.0.1)
+#   MASTER_PORT     rendezvous port                   (default 29500)
+#   COCO_ROOT       COCO root with annotations/, train2017/, val2017/
+#   LOG_DIR         where runs go                     (default ./logs)
+#   WORKERS         data-loader workers per process   (default 8)
+#   DRY_RUN=1       print the freezing schedule and trainable counts, read no data
+#   EXTRA_ARGS      appended to the trainer's command line
+# Weights (only the ones a recipe uses): CONVNEXTV2_TINY_WEIGHTS (timm safetensors),
+# GPT2_WEIGHTS (HF dir or model.safetensors), GPT2_TOKENIZER (HF tokenizer dir),
+# CNBW_CHECKPOINT (open_clip convnext_base_w checkpoint, e.g. open_clip_pytorch_model.bin).
+set -euo pipefail
+
+run_recipe() {  # run_recipe NAME WORLD_SIZE trainer-args...
+    local name=$1 world=$2
+    shift 2
+    local common=(
+        --dataset-type coco
+        --train-data "${COCO_ROOT:-/data/coco}/annotations/captions_train2017.json"
+        --val-data "${COCO_ROOT:-/data/coco}/annotations/captions_val2017.json"
+        --workers "${WORKERS:-8}" --lr-scheduler cosine --wd 0.2 --precision amp
+        --log-dir "${LOG_DIR:-./logs}" --name "$name" --resume latest
+    )
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        python -m open_clip_train.main "$@" "${common[@]}" --dry-run ${EXTRA_ARGS:-}
+        return
+    fi
+    torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+        --nproc_per_node "${NPROC_PER_NODE:-$world}" \
+        --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+        -m open_clip_train.main "$@" "${common[@]}" ${EXTRA_ARGS:-}
+}
