@@ -9,11 +9,49 @@ from typing import Any, Dict, List, Optional, Tuple
 from .data import DataCfg
 from .errors import UserError
 from .freeze import FreezeCfg, TowerSchedule
+from .distill import DistillCfg
+from .headalign import HeadAlignCfg
 from .losses import LossCfg
+from .objective import ObjectiveCfg
 from .optim import OptimCfg
 
 
 SCHEDULES = ("cosine", "const", "const-cooldown")
+
+# Upstream flags this trainer accepts (so old command lines parse) but does not implement.
+# Setting one is refused with a clear message rather than silently ignored.
+UNSUPPORTED = {
+    "train_data_upsampling_factors": "multi-source webdataset upsampling",
+    "image_mean": "overriding preprocessing (use the model config)",
+    "image_std": "overriding preprocessing (use the model config)",
+    "image_interpolation": "overriding preprocessing (use the model config)",
+    "image_resize_mode": "overriding preprocessing (use the model config)",
+    "aug_cfg": "custom augmentation configs",
+    "force_context_length": "--force-* model overrides (add a model config instead)",
+    "force_image_size": "--force-* model overrides (add a model config instead)",
+    "force_quick_gelu": "--force-* model overrides (add a model config instead)",
+    "force_patch_dropout": "--force-* model overrides (add a model config instead)",
+    "force_custom_text": "--force-* model overrides (add a model config instead)",
+    "torchscript": "TorchScript",
+    "torchcompile": "torch.compile",
+    "trace": "tracing",
+    "use_bnb_linear": "bitsandbytes linear layers",
+    "imagenet_val": "ImageNet zero-shot evaluation",
+    "imagenet_v2": "ImageNet zero-shot evaluation",
+    "remote_sync": "remote sync of checkpoints",
+    "horovod": "Horovod (use torchrun)",
+    "use_bn_sync": "SyncBatchNorm",
+    "copy_codebase": "copying the codebase into the run directory",
+    "log_local": "per-rank log files",
+    "dist_url": "--dist-url (torchrun's environment is used)",
+}
+
+
+def refuse_unsupported(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
+    for dest, what in UNSUPPORTED.items():
+        if hasattr(args, dest) and getattr(args, dest) != defaults.get(dest):
+            flag = "--" + dest.replace("_", "-")
+            raise UserError(f"{flag}: {what} is not supported by this trainer; drop the flag")
 
 
 @dataclass(frozen=True)
@@ -85,6 +123,7 @@ class RunCfg:
     eval: EvalCfg
     output: OutputCfg
     dist: DistCfg
+    objective: ObjectiveCfg
     dry_run: bool = False
     trust_checkpoint: bool = False
     settings: Dict[str, Any] = field(default_factory=dict)  # every resolved flag, for params.txt
@@ -92,6 +131,9 @@ class RunCfg:
     @staticmethod
     def from_args(args: argparse.Namespace) -> "RunCfg":
         a = args
+        from .params import build_parser
+
+        refuse_unsupported(a, build_parser().parse_args([]).__dict__)
         if a.lr_scheduler not in SCHEDULES:
             raise UserError(f"--lr-scheduler {a.lr_scheduler!r}: choose one of {', '.join(SCHEDULES)}")
         freeze = FreezeCfg(
@@ -178,8 +220,36 @@ class RunCfg:
                 resume=a.resume,
                 debug=a.debug,
             ),
+            objective=_objective(a),
             dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
             dry_run=a.dry_run,
             trust_checkpoint=a.trust_checkpoint,
             settings=dict(vars(a)),
         )
+
+
+def _objective(a: argparse.Namespace) -> ObjectiveCfg:
+    """--distill / --teacher-* (upstream's --distill-model/--distill-pretrained also switch it on,
+    as upstream does when both are given) and --headalign."""
+    loss = LossCfg(local_loss=a.local_loss, gather_with_grad=a.gather_with_grad, siglip=a.siglip,
+                   loss_dist_impl=a.loss_dist_impl)
+    teacher = a.teacher_model or a.distill_model
+    teacher_weights = a.teacher_pretrained or a.distill_pretrained
+    distill = None
+    if a.distill or (a.distill_model and a.distill_pretrained):
+        try:
+            distill = DistillCfg(teacher_model=teacher or "", teacher_pretrained=teacher_weights,
+                                 weight=a.distill_weight, temperature=a.distill_temperature,
+                                 teacher_text_tokenizer=a.teacher_text_tokenizer)
+        except ValueError as e:
+            raise UserError(f"--distill: {e}") from None
+    elif teacher or teacher_weights:
+        raise UserError("--teacher-model/--teacher-pretrained given without --distill")
+    headalign = None
+    if a.headalign:
+        try:
+            headalign = HeadAlignCfg(weight=a.headalign_weight, mode=a.headalign_mode)
+        except ValueError as e:
+            raise UserError(f"--headalign: {e}") from None
+    return ObjectiveCfg(loss=loss, distill=distill, headalign=headalign,
+                        pretrained=a.pretrained or None, precision=a.precision)

@@ -481,6 +481,21 @@ def _add_distillation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distillation")
     g.add_argument("--distill-model", default=None, help="Model arch to distill from, if any.")
     g.add_argument("--distill-pretrained", default=None, help="Pretrained weights to distill from, if any.")
+    g.add_argument("--distill", default=False, action="store_true",
+                   help="Distil from a frozen teacher (--teacher-model, --teacher-pretrained).")
+    g.add_argument("--teacher-model", default=None,
+                   help="Teacher architecture (alias of upstream's --distill-model).")
+    g.add_argument("--teacher-pretrained", default=None,
+                   help="Teacher weights, a local open_clip checkpoint (alias of --distill-pretrained).")
+    g.add_argument("--teacher-text-tokenizer", default=None,
+                   help="Local HF tokenizer dir for a GPT2 teacher.")
+    g.add_argument("--distill-weight", type=float, default=1.0, help="Weight of the distillation KL term.")
+    g.add_argument("--distill-temperature", type=float, default=1.0, help="Temperature of the distillation KL.")
+    g.add_argument("--headalign", default=False, action="store_true",
+                   help="Align the new image head to the checkpoint's own (frozen) head on the same trunk features.")
+    g.add_argument("--headalign-weight", type=float, default=1.0, help="Weight of the head-alignment term.")
+    g.add_argument("--headalign-mode", choices=("cosine", "kl"), default="cosine",
+                   help="cosine: 1 - cos of image embeddings; kl: image-text logit distributions.")
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,8 @@ from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
 from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
-from .losses import ContrastiveLoss, total
+from .losses import total
+from .objective import Objective
 from .models import create_model, get_preprocess, get_tokenizer
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
@@ -73,6 +74,16 @@ def check_config(cfg: RunCfg) -> None:
                        ("--pretrained-text-path", m.pretrained_text_path), ("--text-tokenizer", m.text_tokenizer)):
         if path and not Path(path).exists():
             raise UserError(f"{flag} {path}: no such file or directory (weights are only read from local paths)")
+    obj = cfg.objective
+    if obj.distill is not None:
+        for flag, path in (("--teacher-pretrained", obj.distill.teacher_pretrained),
+                           ("--teacher-cache", obj.distill.teacher_cache)):
+            if path and not Path(path).exists():
+                raise UserError(f"{flag} {path}: no such file or directory")
+        with _quiet(), user_errors(f"--teacher-model {obj.distill.teacher_model}"):
+            create_model(obj.distill.teacher_model, device="meta")
+    if obj.headalign is not None and not m.pretrained:
+        raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
     resume = cfg.output.resume
     if resume is not None and resume != "latest" and not Path(resume).is_file():
         raise UserError(f"--resume {resume}: no such checkpoint")
@@ -163,10 +174,11 @@ class Trainer:
         if not cfg.freeze.frozen_train_mode:
             install_frozen_eval(self.model)
 
+        self.objective = Objective(cfg.objective, self.model, world, device, self.tokenizer)
         preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
         preprocess_val = get_preprocess(self.model, is_train=False)
         with user_errors("data"):
-            self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.tokenizer, world.rank, world.world_size)
+            self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank, world.world_size)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
         steps_per_epoch = self.train_data.num_batches // cfg.train.accum_freq if self.train_data else 0
@@ -182,7 +194,6 @@ class Trainer:
         )
         self.optimizer = build_optimizer(make_groups(self.model, self.plan.rules_at(0), cfg.optim), cfg.optim)
         self.scaler = grad_scaler(cfg.model.precision, device)
-        self.loss = ContrastiveLoss(cfg.loss, world.rank, world.world_size)
         self.applied_unlocks = set()
         self._wrap()
         if paths is not None:
@@ -253,6 +264,7 @@ class Trainer:
         if "rng" in state:
             ckpt.restore_rng(state["rng"])
         self.applied_unlocks = {g["name"].split("/")[0] for g in self.optimizer.param_groups} - {"base"}
+        self.objective.on_unlock({u.tower for u in self.plan.unlocks if u.origin in self.applied_unlocks})
         self._set_lr(self.step)
         self._wrap()
         logging.info(f"=> resumed checkpoint '{path}' (epoch {epoch}, step {self.step})")
@@ -327,6 +339,7 @@ class Trainer:
         add_groups(self.optimizer, make_groups(self.model, new_rules, self.cfg.optim,
                                                ramp_start=self.step, ramp_steps=self.cfg.freeze.unfreeze_warmup_steps))
         self.applied_unlocks |= {u.origin for u in due}
+        self.objective.on_unlock({u.tower for u in due})
         check_coverage(self.model, self.optimizer)
         self._wrap()
         what = ", ".join(f"{u.tower} ({len(u.names)} tensors)" for u in due)
@@ -407,8 +420,7 @@ class Trainer:
 
     def _forward_backward(self, images, texts) -> Dict[str, torch.Tensor]:
         with autocast(self.cfg.model.precision, self.device):
-            out = self.net(images, texts)
-            terms = self.loss(out)
+            terms = self.objective.terms(self.net, images, texts)
             loss = total(terms)
         self._backward(loss)
         return {k: v.detach() for k, v in terms.items()}
@@ -417,22 +429,15 @@ class Trainer:
         """Upstream's --accum-freq: features of all micro-batches first (no grad), then each
         micro-batch again with grad against the cached rest, so the loss sees the full batch."""
         precision = self.cfg.model.precision
-        cached = []
         with torch.no_grad(), autocast(precision, self.device):
-            for images, texts in moved:
-                out = self.net(images, texts)
-                cached.append({k: out[k] for k in ("image_features", "text_features")})
-                scale, bias = out["logit_scale"], out.get("logit_bias")
+            cached = [self.objective.cache_micro(self.net, images, texts) for images, texts in moved]
         terms_sum: Dict[str, torch.Tensor] = {}
         for j, (images, texts) in enumerate(moved):
             sync = j == len(moved) - 1 or self.ddp is None
             ctx = self.ddp.no_sync() if not sync else _nullctx()
             with ctx:
                 with autocast(precision, self.device):
-                    out = self.net(images, texts)
-                    feats = {k: torch.cat([c[k] for c in cached[:j]] + [out[k]] + [c[k] for c in cached[j + 1:]])
-                             for k in ("image_features", "text_features")}
-                    terms = self.loss(dict(feats, logit_scale=out["logit_scale"], logit_bias=out.get("logit_bias")))
+                    terms = self.objective.terms_cached(self.net, images, texts, cached, j)
                     loss = total(terms)
                 self._backward(loss)
             for k, v in terms.items():

@@ -1,0 +1,161 @@
+"""The training objective of one (micro-)batch: student forward plus named loss terms.
+
+* plain: `{"contrastive_loss"}` (open_clip's ClipLoss / SigLipLoss);
+* `--distill`: `{"contrastive_loss", "distill_loss"}` against a frozen teacher that is fed the
+  student's batch (as upstream does) and reuses the student's trunk / text features where they
+  are provably the same computation (teacher.plan_sharing), until the student unlocks that part;
+* `--headalign`: adds `{"headalign_loss"}`: the new head aligned to the checkpoint's own frozen
+  head on the same trunk features (no teacher).
+
+The trainer only calls `terms`, `cache_micro` / `terms_cached` (for --accum-freq) and `on_unlock`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .distill import DistillCfg, DistillLoss, TokenizerPair, TrunkCapture, concat_outputs, merge_micro_batch
+from .distributed import World
+from .errors import UserError
+from .headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
+from .losses import ContrastiveLoss, LossCfg
+
+Terms = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ObjectiveCfg:
+    loss: LossCfg
+    distill: Optional[DistillCfg] = None
+    headalign: Optional[HeadAlignCfg] = None
+    pretrained: Optional[str] = None  # the student's checkpoint: the reference head comes from it
+    precision: str = "fp32"
+
+
+class Objective:
+    def __init__(self, cfg: ObjectiveCfg, model: torch.nn.Module, world: World, device: torch.device,
+                 student_tokenizer: Callable):
+        self.cfg = cfg
+        self.runner = None
+        self.pair: Optional[TokenizerPair] = None
+        self.capture: Optional[TrunkCapture] = None
+        self.reference = None
+        self.headalign = None
+        self.sharing = None
+        self.tokenizer = student_tokenizer
+        if cfg.distill is not None:
+            self._build_teacher(cfg, model, world, device, student_tokenizer)
+        else:
+            self.loss = ContrastiveLoss(cfg.loss, world.rank, world.world_size)
+        if cfg.headalign is not None:
+            self._build_headalign(cfg, model)
+        if self.runner is not None and self.sharing is not None and self.sharing.is_shared("image_trunk"):
+            self.capture = self.capture or TrunkCapture(model)
+
+    # ------------------------------------------------------------------ build
+    def _build_teacher(self, cfg, model, world, device, student_tokenizer) -> None:
+        from .teacher import Teacher, TeacherRunner, plan_sharing, preprocess_difference
+
+        d = cfg.distill
+        if d.teacher_cache:
+            raise UserError("--teacher-cache is not wired into the trainer yet; use a live teacher "
+                            "(--teacher-model/--teacher-pretrained)")
+        if cfg.loss.siglip:
+            raise UserError("--distill with --siglip is not supported (the distill loss is CLIP's softmax form)")
+        try:
+            teacher = Teacher.from_pretrained(d.teacher_model, d.teacher_pretrained, device=device,
+                                              precision=cfg.precision, text_tokenizer=d.teacher_text_tokenizer)
+        except ValueError as e:
+            raise UserError(f"--teacher-model {d.teacher_model}: {e}") from None
+        diff = preprocess_difference(model.visual.preprocess_cfg, teacher.preprocess_cfg)
+        if diff is not None:
+            raise UserError(f"teacher {d.teacher_model} preprocesses images differently from the student ({diff}); "
+                            "a teacher with its own image view is not supported yet")
+        self.pair = TokenizerPair(student_tokenizer, teacher.tokenizer)
+        if not self.pair.same:
+            self.tokenizer = self.pair.joint  # the batch carries both token streams
+        # The teacher is fed the student's image tensor, so only the weights decide sharing.
+        self.sharing = plan_sharing(model, teacher, student_preprocess_is_augmented=False,
+                                    same_text_tokens=self.pair.same, teacher_gets_student_batch=True)
+        for line in self.sharing.lines():
+            logging.info(line)
+        self.runner = TeacherRunner(teacher, self.sharing)
+        self.loss = DistillLoss(d.weight, d.temperature, local_loss=cfg.loss.local_loss,
+                                gather_with_grad=cfg.loss.gather_with_grad, rank=world.rank,
+                                world_size=world.world_size)
+
+    def _build_headalign(self, cfg, model) -> None:
+        if not cfg.pretrained:
+            raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
+        try:
+            self.reference = build_reference_head(model, read_head_state(cfg.pretrained))
+        except ValueError as e:
+            raise UserError(f"--headalign: {e}") from None
+        self.headalign = HeadAlignLoss(cfg.headalign.weight, cfg.headalign.mode)
+        self.capture = TrunkCapture(model)
+        logging.info(f"headalign: aligning the new head to {cfg.pretrained}'s image head "
+                     f"({cfg.headalign.mode}, weight {cfg.headalign.weight})")
+
+    # ------------------------------------------------------------------ per batch
+    def _split(self, tokens: torch.Tensor):
+        if self.pair is None:
+            return tokens, None
+        if self.pair.same:
+            return tokens, tokens
+        return self.pair.split(tokens)
+
+    def _teacher(self, images, t_tok, out, feats):
+        return self.runner(images, t_tok, out, feats)
+
+    def terms(self, net, images: torch.Tensor, tokens: torch.Tensor) -> Terms:
+        s_tok, t_tok = self._split(tokens)
+        out = net(images, s_tok)
+        feats = self.capture.pop() if self.capture is not None else None
+        if self.runner is not None:
+            terms = self.loss(out, self._teacher(images, t_tok, out, feats))
+        else:
+            terms = self.loss(out)
+        if self.headalign is not None:
+            terms.update(self.headalign(out, self.reference(feats)))
+        return terms
+
+    @torch.no_grad()
+    def cache_micro(self, net, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        """No-grad pass of gradient-cache accumulation: everything the grad pass reuses."""
+        s_tok, t_tok = self._split(tokens)
+        out = net(images, s_tok)
+        feats = self.capture.pop() if self.capture is not None else None
+        entry = {k: out[k] for k in ("image_features", "text_features")}
+        if self.runner is not None:
+            entry["teacher"] = self._teacher(images, t_tok, out, feats)
+        if self.headalign is not None:
+            entry["reference"] = self.reference(feats)
+        return entry
+
+    def terms_cached(self, net, images: torch.Tensor, tokens: torch.Tensor, cached: Sequence[dict], j: int) -> Terms:
+        """Grad pass for micro-batch j against the cached rest of the accumulated batch."""
+        s_tok, _ = self._split(tokens)
+        out = net(images, s_tok)
+        if self.capture is not None:
+            self.capture.pop()  # not needed again: free it
+        merged = merge_micro_batch(cached, j, out)
+        if self.runner is not None:
+            terms = self.loss(merged, concat_outputs([c["teacher"] for c in cached]))
+        else:
+            terms = self.loss(merged)
+        if self.headalign is not None:
+            terms.update(self.headalign(merged, torch.cat([c["reference"] for c in cached])))
+        return terms
+
+    # ------------------------------------------------------------------ schedule
+    def on_unlock(self, towers: Sequence[str]) -> None:
+        """Once the student trains a part, the teacher can no longer reuse its features."""
+        if self.sharing is None:
+            return
+        for tower, part in (("image", "image_trunk"), ("text", "text")):
+            if tower in towers and self.sharing.is_shared(part):
+                self.sharing.disable(part)
+                logging.info(f"teacher: stops sharing the student's {part} (unlocked)")
