@@ -65,6 +65,7 @@ class ModelCfg:
     precision: str = "amp"
     grad_checkpointing: bool = False
     torchcompile: bool = False
+    compile_frozen: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class RunCfg:
                 precision=a.precision,
                 grad_checkpointing=a.grad_checkpointing,
                 torchcompile=a.torchcompile,
+                compile_frozen=a.compile_frozen,
             ),
             data=DataCfg(
                 dataset_type=a.dataset_type,

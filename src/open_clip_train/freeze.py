@@ -477,3 +477,37 @@ def freeze_bn_stats(model: nn.Module) -> None:
     `.eval()`). A no-op on top of `install_frozen_eval`, which already covers them."""
     if getattr(model, "_frozen_eval_scope", None) != "all":
         _install_train_override(model, "bn")
+
+
+# ---------------------------------------------------------------------------------------------
+# speed: a fully frozen image trunk is a pure function of its input
+
+
+def compile_frozen_trunk(model: nn.Module, enable: bool) -> bool:
+    """While every parameter of `model.visual.trunk` is frozen, run it compiled and without
+    autograd (`--compile-frozen`); restore the plain forward as soon as any part trains.
+
+    Only the bound `forward` is replaced, so parameter names, checkpoints and the DDP wrapper
+    are unaffected. Returns whether the compiled forward is active.
+    """
+    import torch
+
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if trunk is None:
+        return False
+    frozen = not any(p.requires_grad for p in trunk.parameters())
+    active = "forward" in trunk.__dict__ and getattr(trunk.forward, "_frozen_compiled", False)
+    if enable and frozen and not active:
+        compiled = torch.compile(type(trunk).forward.__get__(trunk), dynamic=None)
+
+        def forward(x, *args, **kwargs):
+            with torch.no_grad():
+                return compiled(x, *args, **kwargs)
+
+        forward._frozen_compiled = True
+        trunk.forward = forward
+        return True
+    if active and not (enable and frozen):
+        del trunk.forward  # back to the class's forward: the trunk trains now
+        return False
+    return active

@@ -386,6 +386,10 @@ def _add_locking(p: argparse.ArgumentParser) -> None:
         "--lock-pattern", type=_regex, action="append", default=[], metavar="REGEX",
         help="Freeze parameters whose name matches REGEX (re.search); repeatable.")
     g.add_argument(
+        "--compile-frozen", default=False, action="store_true",
+        help="While the image trunk is fully frozen, run it with torch.compile and without autograd "
+             "(faster frozen forward after a one-off compile; off by default).")
+    g.add_argument(
         "--frozen-train-mode", default=False, action="store_true",
         help="Keep fully frozen modules in train mode (dropout/BatchNorm behave as in training).")
 

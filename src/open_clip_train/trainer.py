@@ -29,7 +29,7 @@ from .data import DataInfo, RetrievalData, get_data
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
-from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
+from .freeze import compile_frozen_trunk, FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
 from .objective import Objective
 from .models import create_model, get_preprocess, get_tokenizer
@@ -211,6 +211,10 @@ class Trainer:
 
     def _wrap(self) -> None:
         """(Re)build the DDP wrapper over the current trainable set."""
+        # (not while the objective captures trunk features: that hook must stay in Python)
+        enable = self.cfg.model.compile_frozen and getattr(self.objective, "capture", None) is None
+        if compile_frozen_trunk(self.model, enable):
+            logging.info("image trunk fully frozen: running it compiled, without autograd (--compile-frozen)")
         self.ddp = None  # drop the old wrapper (and its reducer hooks) before building a new one
         if self.world.distributed:
             kwargs = {"device_ids": [self.device]} if self.device.type == "cuda" else {}
