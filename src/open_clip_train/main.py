@@ -76,7 +76,7 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
         paths = _open_run(cfg, world, device, argv)
         logging.info(f"world: backend={backend if world.distributed else 'none'}, world_size={world.world_size}, "
                      f"rank={world.rank}, local_rank={world.local_rank}, nodes={world.num_nodes}, "
-                     f"device={device}, from {world.source}")
+                     f"device={device}, rendezvous={world.rendezvous}, from {world.source}")
         trainer = Trainer.build(cfg, world, device, paths)
         resume_from = dist_env.broadcast_object(_resume_path(cfg, paths) if world.is_master else None)
         if resume_from is not None:

@@ -35,6 +35,7 @@ from .objective import Objective
 from .models import create_model, get_preprocess, get_tokenizer
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
+from .progress import ProgressLine
 from .run_outputs import Reporters, RunPaths, append_result, drop_results_after
 from .schedule import ScheduleCfg, lr_at
 
@@ -362,24 +363,27 @@ class Trainer:
         batches: List = []
         t_data = time.perf_counter()
         steps_done = 0
-        for i, batch in enumerate(data.dataloader):
-            if i // accum >= self.steps_per_epoch:
-                break
-            batches.append(batch)
-            if len(batches) < accum:
-                continue
-            data_time = time.perf_counter() - t_data
-            self._set_lr(self.step)
-            terms = self.train_step(batches)
-            batches = []
-            self.step += 1
-            steps_done += 1
-            meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time)
-            last = steps_done == self.steps_per_epoch
-            if steps_done % cfg.train.log_every_n_steps == 0 or last:
-                self._log_progress(epoch, steps_done, meter, epoch_t0)
-                meter = _Meter()
-            t_data = time.perf_counter()
+        # a refreshing status line on an interactive rank 0 only; the log lines are unchanged
+        with ProgressLine(self.steps_per_epoch, epoch, cfg.train.epochs, enabled=self.world.is_master) as progress:
+            for i, batch in enumerate(data.dataloader):
+                if i // accum >= self.steps_per_epoch:
+                    break
+                batches.append(batch)
+                if len(batches) < accum:
+                    continue
+                data_time = time.perf_counter() - t_data
+                self._set_lr(self.step)
+                terms = self.train_step(batches)
+                batches = []
+                self.step += 1
+                steps_done += 1
+                meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time)
+                last = steps_done == self.steps_per_epoch
+                if steps_done % cfg.train.log_every_n_steps == 0 or last:
+                    self._log_progress(epoch, steps_done, meter, epoch_t0)
+                    meter = _Meter()
+                progress.update(steps_done, sum(terms.values()), cfg.train.batch_size * accum * self.world.world_size)
+                t_data = time.perf_counter()
 
     def _set_lr(self, step: int) -> None:
         """Every group's lr for optimizer step `step`: the schedule's base lr (constant --lr with

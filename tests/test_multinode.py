@@ -1,0 +1,227 @@
+"""Multi-node launches simulated on one CPU machine (gloo), both ways the sbatch scripts launch:
+
+* torchrun per node: two `torchrun --nnodes 2 --node-rank 0|1 --nproc_per_node 1` on localhost,
+  each acting as one node. The SLURM variables of `srun` running torchrun once per node are
+  set too, with a node list that does not resolve: torchrun's variables must win.
+* srun, one task per GPU: two plain Python processes with the SLURM_* variables srun gives its
+  tasks and no torchrun variable; the rendezvous comes from SLURM_JOB_NODELIST (localhost) and
+  the port derived from SLURM_JOB_ID.
+
+Each rank dumps its final weights from a tiny launcher script wrapping `Trainer.close` (as in
+test_ddp.py). The ranks read different shards, so equal weights mean DDP synchronised them.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from open_clip_train.demo_data import generate
+from open_clip_train.distributed import SLURM_PORT_BASE
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+MODEL = "tiny-convnext-cliptext"
+STEPS = 4  # 32 samples / (2 ranks x batch 4)
+DUMP_SCRIPT = textwrap.dedent('''
+    import os, sys, torch
+    from open_clip_train import trainer
+    from open_clip_train.main import main
+
+    _close = trainer.Trainer.close
+
+    def close(self):  # every rank saves the weights it ends with
+        torch.save(self.model.state_dict(), os.path.join(os.environ["DUMP_DIR"], f"rank{self.world.rank}.pt"))
+        _close(self)
+
+    trainer.Trainer.close = close
+    sys.exit(main())
+''')
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multinode")
+    demo = generate(root / "demo", num_train=32, num_val=8, image_size=32, seed=0)
+    script = root / "dump_main.py"
+    script.write_text(DUMP_SCRIPT)
+    return root, demo, script
+
+
+def train_args(demo, logs: Path, name: str):
+    return ["--model", MODEL, "--dataset-type", "coco", "--train-data", str(demo.train_annotations),
+            "--epochs", "1", "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-augment",
+            "--coco-caption-sampling", "random", "--lr", "1e-3", "--warmup", "1", "--device", "cpu", "--seed", "0",
+            "--log-every-n-steps", "1", "--log-dir", str(logs), "--name", name]
+
+
+def free_port(candidates=None) -> int:
+    for port in candidates or [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def is_launcher_var(key: str) -> bool:
+    return key.startswith("SLURM_") or key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                               "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH")
+
+
+def clean_env(dump_dir: Path, **extra) -> dict:
+    """This machine's environment without any launcher variable, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not is_launcher_var(k)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", DUMP_DIR=str(dump_dir))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_together(commands, envs, timeout: int = 240):
+    """Start the processes at once (as nodes or srun tasks would), wait for all of them."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for cmd, env in zip(commands, envs)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a peer failed or hung: end the ones this test started
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{p.args[:3]} failed ({p.returncode}):\n{out[-2000:]}\n{err[-6000:]}"
+    return [err for _, err in outs]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(setup):
+    """torchrun on 'node 0' and 'node 1', both on localhost, inside a fake srun-per-node step."""
+    root, demo, script = setup
+    dump = root / "two_nodes"
+    dump.mkdir()
+    port = free_port()
+    commands, envs = [], []
+    for node in (0, 1):
+        commands.append([str(TORCHRUN), "--nnodes", "2", "--node-rank", str(node), "--nproc_per_node", "1",
+                         "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
+                         *train_args(demo, root / "logs", "two_nodes")])
+        envs.append(clean_env(dump, SLURM_PROCID=node, SLURM_LOCALID=0, SLURM_NTASKS=2, SLURM_NNODES=2,
+                              SLURM_JOB_NODELIST="unresolvable-node[1-2]", SLURM_JOB_ID=1))
+    stderr = run_together(commands, envs)
+    return dump, root / "logs" / "two_nodes", port, stderr
+
+
+@pytest.fixture(scope="module")
+def srun_tasks(setup):
+    """Two tasks of `srun --ntasks 2` on one node, without torchrun."""
+    root, demo, script = setup
+    dump = root / "srun"
+    dump.mkdir()
+    job_id = 4_200_000 + free_port(range(SLURM_PORT_BASE + 3000, SLURM_PORT_BASE + 4000)) - SLURM_PORT_BASE
+    slurm = dict(SLURM_NTASKS=2, SLURM_NNODES=1, SLURM_JOB_NUM_NODES=1, SLURM_JOB_NODELIST="localhost",
+                 SLURM_JOB_ID=job_id, SLURM_STEP_ID=0, SLURM_NODEID=0)
+    commands = [[sys.executable, str(script), *train_args(demo, root / "logs", "srun")]] * 2
+    envs = [clean_env(dump, SLURM_PROCID=task, SLURM_LOCALID=task, **slurm) for task in (0, 1)]
+    stderr = run_together(commands, envs)
+    return dump, root / "logs" / "srun", SLURM_PORT_BASE + job_id % 10000, stderr
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def initial_weights() -> dict:
+    from open_clip_train.models import create_model
+    from open_clip_train.trainer import seed_everything
+
+    seed_everything(0)
+    model, _ = create_model(MODEL, precision="fp32", device="cpu")
+    return model.state_dict()
+
+
+def assert_trained_in_sync(dump: Path, run_dir: Path) -> dict:
+    r0, r1 = load(dump / "rank0.pt"), load(dump / "rank1.pt")
+    assert r0.keys() == r1.keys()
+    assert [k for k in r0 if not torch.equal(r0[k], r1[k])] == []
+    ckpt = load(run_dir / "checkpoints" / "epoch_1.pt")
+    assert all(torch.equal(ckpt["state_dict"][k], r0[k]) for k in r0)
+    losses = re.findall(r"Train Epoch: 0 \[(\d+)/32 .*Contrastive_loss: ([0-9.]+)", (run_dir / "out.log").read_text())
+    assert [int(n) for n, _ in losses] == [8 * (i + 1) for i in range(STEPS)]  # 2 ranks x 4 per step
+    return r0
+
+
+def test_two_torchrun_nodes_train_together(two_nodes):
+    dump, run_dir, port, stderr = two_nodes
+    weights = assert_trained_in_sync(dump, run_dir)
+    init = initial_weights()
+    moved = [k for k in init if init[k].is_floating_point() and not torch.allclose(init[k], weights[k])]
+    assert len(moved) > 0.9 * len(init)  # the equality above is not the untouched initialisation
+    out = (run_dir / "out.log").read_text()
+    assert (f"world: backend=gloo, world_size=2, rank=0, local_rank=0, nodes=2, device=cpu, "
+            f"rendezvous=127.0.0.1:{port}, from torchrun") in out
+    assert (f"rank 1 | INFO | world: backend=gloo, world_size=2, rank=1, local_rank=0, nodes=2, device=cpu, "
+            f"rendezvous=127.0.0.1:{port}, from torchrun") in stderr[1]
+    assert "\r" not in out
+
+
+def test_srun_tasks_without_torchrun_train_together(srun_tasks):
+    dump, run_dir, port, stderr = srun_tasks
+    assert_trained_in_sync(dump, run_dir)
+    out = (run_dir / "out.log").read_text()
+    assert (f"world: backend=gloo, world_size=2, rank=0, local_rank=0, nodes=1, device=cpu, "
+            f"rendezvous=localhost:{port}, from SLURM (srun)") in out
+    assert "rank 1 | INFO | world: backend=gloo, world_size=2, rank=1, local_rank=1, nodes=1" in stderr[1]
+
+
+def test_both_launchers_train_the_same_thing(two_nodes, srun_tasks):
+    """Same seed, world size and shards: the launcher must not change the result."""
+    a, b = load(two_nodes[0] / "rank0.pt"), load(srun_tasks[0] / "rank0.pt")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_half_set_slurm_environment_stops_before_training(setup, tmp_path, monkeypatch, capsys):
+    from open_clip_train.main import main
+
+    _, demo, _ = setup
+    for key in filter(is_launcher_var, list(os.environ)):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # no SLURM_LOCALID, no SLURM_NTASKS
+    monkeypatch.setenv("SLURM_JOB_ID", "3")
+    assert main(train_args(demo, tmp_path, "x")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: half-set SLURM environment: SLURM_PROCID set but SLURM_LOCALID, SLURM_NTASKS missing; start one "
+        "task per GPU with srun (or launch with torchrun), or unset these variables"]
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- launcher scripts
+SBATCH = sorted((ROOT / "scripts" / "slurm").glob("*.sbatch"))
+
+
+def test_every_sbatch_script_is_valid_bash():
+    assert {p.name for p in SBATCH} >= {"single_node.sbatch", "multi_node.sbatch", "multi_node_srun.sbatch"}
+    for path in SBATCH:
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
+        code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+        assert "--log-dir" in code and not re.search(r"--logs\s", code)  # torchrun 2.14 rejects --logs
+
+
+def test_srun_script_starts_one_task_per_gpu_without_torchrun():
+    text = (ROOT / "scripts" / "slurm" / "multi_node_srun.sbatch").read_text()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    assert directives["ntasks-per-node"] == directives["gpus-per-node"]
+    command = re.search(r"^srun .*?(?<!\\)\n", text, re.M | re.S).group(0)
+    assert "python -m open_clip_train.main" in command and "torchrun" not in command
