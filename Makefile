@@ -28,8 +28,8 @@ demo: $(STAMP) $(DEMO_DATA)/annotations/captions_val2017.json
 	    --model tiny-convnext-cliptext --dataset-type coco \
 	    --train-data $(DEMO_DATA)/annotations/captions_train2017.json \
 	    --val-data $(DEMO_DATA)/annotations/captions_val2017.json \
-	    --epochs 8 --batch-size 64 --lr 2e-3 --wd 0.1 --warmup 50 --workers 2 --precision fp32 \
-	    --lock-image --unfreeze-image-at-epoch 3 --unfreeze-new-lr-scale 0.5 \
+	    --epochs 6 --batch-size 64 --lr 2e-3 --wd 0.1 --warmup 50 --workers 2 --precision fp32 \
+	    --lock-image --unfreeze-image-at-epoch 2 --unfreeze-new-lr-scale 0.5 \
 	    --val-at-start --log-every-n-steps 20 --seed 0 \
 	    --log-dir logs --name $(DEMO_NAME)
 	$(PY) -m open_clip_train.results_table logs/$(DEMO_NAME)
