@@ -37,5 +37,10 @@ demo: $(STAMP) $(DEMO_DATA)/annotations/captions_val2017.json
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Throughput / memory of ours vs upstream's trainer (separate venv), written to benchmarks/results.*
+bench: $(STAMP)
+	bash benchmarks/setup_upstream_env.sh
+	$(PY) benchmarks/bench_train.py
+
 clean:
 	rm -rf $(DEMO_DATA) logs .pytest_cache
