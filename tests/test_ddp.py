@@ -15,7 +15,6 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,26 +22,13 @@ import torch
 
 from open_clip_train import trainer as trainer_module
 from open_clip_train.demo_data import generate
+from rank_dump import DUMP_SCRIPT
 from open_clip_train.main import main
 
 pytestmark = pytest.mark.slow
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 MODEL = "tiny-convnext-cliptext"
-DUMP_SCRIPT = textwrap.dedent('''
-    import os, sys, torch
-    from open_clip_train import trainer
-    from open_clip_train.main import main
-
-    _close = trainer.Trainer.close
-
-    def close(self):  # every rank saves the weights it ends with
-        torch.save(self.model.state_dict(), os.path.join(os.environ["DUMP_DIR"], f"rank{self.world.rank}.pt"))
-        _close(self)
-
-    trainer.Trainer.close = close
-    sys.exit(main())
-''')
 # The two layouts sum the same terms in a different order, so they agree to rounding, which
 # Adam amplifies in two places (measured: of 3.5M weights, all but 7 agree to 1e-7):
 # * where a gradient is mathematically zero (attention key biases: softmax ignores a constant

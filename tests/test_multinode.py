@@ -16,13 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from open_clip_train.demo_data import generate
+from rank_dump import DUMP_SCRIPT
 from open_clip_train.distributed import SLURM_PORT_BASE
 
 pytestmark = pytest.mark.slow
@@ -31,20 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 MODEL = "tiny-convnext-cliptext"
 STEPS = 4  # 32 samples / (2 ranks x batch 4)
-DUMP_SCRIPT = textwrap.dedent('''
-    import os, sys, torch
-    from open_clip_train import trainer
-    from open_clip_train.main import main
-
-    _close = trainer.Trainer.close
-
-    def close(self):  # every rank saves the weights it ends with
-        torch.save(self.model.state_dict(), os.path.join(os.environ["DUMP_DIR"], f"rank{self.world.rank}.pt"))
-        _close(self)
-
-    trainer.Trainer.close = close
-    sys.exit(main())
-''')
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,11 @@
 # CNBW_CHECKPOINT (open_clip convnext_base_w checkpoint, e.g. open_clip_pytorch_model.bin).
 set -euo pipefail
 
+: "${CONVNEXTV2_TINY_WEIGHTS:=/weights/convnextv2_tiny/model.safetensors}"
+: "${GPT2_WEIGHTS:=/weights/gpt2/model.safetensors}"
+: "${GPT2_TOKENIZER:=/weights/gpt2}"
+: "${CNBW_CHECKPOINT:=/weights/CLIP-convnext_base_w-laion2B-s13B-b82K/open_clip_pytorch_model.bin}"
+
 run_recipe() {  # run_recipe NAME WORLD_SIZE trainer-args...
     local name=$1 world=$2
     shift 2

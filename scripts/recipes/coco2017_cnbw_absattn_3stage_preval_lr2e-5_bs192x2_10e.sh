@@ -4,7 +4,7 @@
 source "$(dirname "$0")/_launch.sh"
 run_recipe "$(basename "$0" .sh)" 2 \
     --model convnext_base_w_absattn_proj --batch-size 192 --epochs 10 --lr 2e-5 --warmup 1000 --accum-freq 1 \
-    --pretrained "${CNBW_CHECKPOINT:-/weights/CLIP-convnext_base_w-laion2B-s13B-b82K/open_clip_pytorch_model.bin}" \
+    --pretrained "${CNBW_CHECKPOINT}" \
     --lock-image --lock-text \
     --unfreeze-image-at-epoch 3 --unlocked-image-groups 2 \
     --unfreeze-text-at-epoch 8 \

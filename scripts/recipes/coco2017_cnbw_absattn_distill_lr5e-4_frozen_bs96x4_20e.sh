@@ -2,10 +2,9 @@
 # Seed Part B: convnext_base_w teacher distillation, both towers locked all run
 # (INIT visual=3,856,000 text=0 total=3,856,001).
 source "$(dirname "$0")/_launch.sh"
-CKPT="${CNBW_CHECKPOINT:-/weights/CLIP-convnext_base_w-laion2B-s13B-b82K/open_clip_pytorch_model.bin}"
 run_recipe "$(basename "$0" .sh)" 4 \
     --model convnext_base_w_absattn --batch-size 96 --epochs 20 --lr 5e-4 --warmup 1200 --accum-freq 1 \
-    --pretrained "$CKPT" \
-    --distill --teacher-model convnext_base_w --teacher-pretrained "$CKPT" \
+    --pretrained "$CNBW_CHECKPOINT" \
+    --distill --teacher-model convnext_base_w --teacher-pretrained "$CNBW_CHECKPOINT" \
     --lock-image --lock-text \
     --unfreeze-new-lr-scale 0.1

@@ -5,7 +5,7 @@
 source "$(dirname "$0")/_launch.sh"
 run_recipe "$(basename "$0" .sh)" 4 \
     --model convnext_base_w_absattn --batch-size 96 --epochs 10 --lr 5e-4 --warmup 1000 --accum-freq 1 \
-    --pretrained "${CNBW_CHECKPOINT:-/weights/CLIP-convnext_base_w-laion2B-s13B-b82K/open_clip_pytorch_model.bin}" \
+    --pretrained "${CNBW_CHECKPOINT}" \
     --headalign \
     --lock-image --lock-text \
     --unfreeze-image-at-epoch 6 --unlocked-image-groups 1 \

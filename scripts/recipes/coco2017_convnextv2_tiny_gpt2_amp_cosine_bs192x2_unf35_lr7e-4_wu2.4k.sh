@@ -4,9 +4,9 @@
 source "$(dirname "$0")/_launch.sh"
 run_recipe "$(basename "$0" .sh)" 2 \
     --model convnextv2_tiny_gpt2-512 --batch-size 192 --epochs 26 --lr 7e-4 --warmup 2400 --accum-freq 1 \
-    --pretrained-image --pretrained-image-path "${CONVNEXTV2_TINY_WEIGHTS:-/weights/convnextv2_tiny/model.safetensors}" \
-    --pretrained-text-path "${GPT2_WEIGHTS:-/weights/gpt2/model.safetensors}" \
-    --text-tokenizer "${GPT2_TOKENIZER:-/weights/gpt2}" \
+    --pretrained-image --pretrained-image-path "${CONVNEXTV2_TINY_WEIGHTS}" \
+    --pretrained-text-path "${GPT2_WEIGHTS}" \
+    --text-tokenizer "${GPT2_TOKENIZER}" \
     --lock-image --lock-text \
     --unfreeze-text-at-epoch 3 --unlocked-text-layers 6 \
     --unfreeze-image-at-epoch 5 --unlocked-image-groups 4 \

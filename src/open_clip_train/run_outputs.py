@@ -203,6 +203,10 @@ class Reporters:
             self.wandb = wandb.init(project=wandb_project, name=name, id=name, notes=wandb_notes,
                                     config=config, dir=str(paths.root), resume="auto" if resume else None)
 
+    @property
+    def active(self) -> bool:
+        return self.tb is not None or self.wandb is not None
+
     def scalars(self, values: Dict[str, float], step: int) -> None:
         if self.tb is not None:
             for k, v in values.items():

@@ -483,7 +483,7 @@ class Trainer:
             f"{sps:#g}/s, {sps / self.world.world_size:#g}/s/gpu LR: {lrs} Logit Scale: {logit_scale:.3f} "
             f"{losses} ETA: {eta}"
         )
-        if self.reporters is not None:
+        if self.reporters is not None and self.reporters.active:
             values = {f"train/{k}": v for k, v in mean_loss.items()}
             values.update({f"train/lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
             values.update({"train/samples_per_second": sps, "train/scale": logit_scale})
