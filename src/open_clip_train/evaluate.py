@@ -15,14 +15,10 @@ import torch.nn.functional as F
 
 from . import distributed as dist_env
 from .data import RetrievalData
+from .data.sampler import contiguous_shard
 from .distributed import World
 from .precision import autocast, input_dtype
 from .retrieval import ClipValLoss, i2t_ranks, pairwise_metrics, summarize_ranks, t2i_ranks
-
-
-def _block(n: int, rank: int, world_size: int) -> slice:
-    per = -(-n // world_size)
-    return slice(min(rank * per, n), min((rank + 1) * per, n))
 
 
 @torch.no_grad()
@@ -61,8 +57,8 @@ def evaluate_retrieval(model, data: RetrievalData, world: World, device, precisi
     finally:
         model.train(was_training)
     t2i = data.text_to_image.to(img.device)
-    rows_i = _block(img.shape[0], world.rank, world.world_size)
-    rows_t = _block(txt.shape[0], world.rank, world.world_size)
+    rows_i = contiguous_shard(img.shape[0], world.rank, world.world_size)
+    rows_t = contiguous_shard(txt.shape[0], world.rank, world.world_size)
     r_i2t = dist_env.all_gather_rows(i2t_ranks(img, txt, t2i, rows=rows_i, chunk_size=chunk_size))
     r_t2i = dist_env.all_gather_rows(t2i_ranks(img, txt, t2i, rows=rows_t, chunk_size=chunk_size))
     metrics = summarize_ranks(r_i2t, r_t2i)

@@ -13,7 +13,7 @@ import math
 import random
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -442,7 +442,7 @@ class Trainer:
         terms_sum: Dict[str, torch.Tensor] = {}
         for j, (images, texts) in enumerate(moved):
             sync = j == len(moved) - 1 or self.ddp is None
-            ctx = self.ddp.no_sync() if not sync else _nullctx()
+            ctx = self.ddp.no_sync() if not sync else nullcontext()
             with ctx:
                 with autocast(precision, self.device):
                     terms = self.objective.terms_cached(self.net, images, texts, cached, j)
@@ -509,13 +509,6 @@ class Trainer:
         if self.reporters is not None:
             self.reporters.close()
 
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt_time(seconds: float) -> str:
