@@ -65,7 +65,7 @@ class ModelCfg:
     precision: str = "amp"
     grad_checkpointing: bool = False
     torchcompile: bool = False
-    compile_frozen: bool = False
+    compile_frozen: str = "auto"  # auto | on | off (frozen_compile)
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class RunCfg:
     objective: ObjectiveCfg
     dry_run: bool = False
     trust_checkpoint: bool = False
+    malloc_retain: bool = True
     settings: Dict[str, Any] = field(default_factory=dict)  # every resolved flag, for params.txt
 
     @staticmethod
@@ -226,6 +227,7 @@ class RunCfg:
             dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
             dry_run=a.dry_run,
             trust_checkpoint=a.trust_checkpoint,
+            malloc_retain=a.malloc_retain,
             settings=dict(vars(a)),
         )
 

@@ -498,11 +498,25 @@ def compile_frozen_trunk(model: nn.Module, enable: bool) -> bool:
     frozen = not any(p.requires_grad for p in trunk.parameters())
     active = "forward" in trunk.__dict__ and getattr(trunk.forward, "_frozen_compiled", False)
     if enable and frozen and not active:
-        compiled = torch.compile(type(trunk).forward.__get__(trunk), dynamic=None)
+        eager = type(trunk).forward.__get__(trunk)
+        compiled = torch.compile(eager, dynamic=None)
 
         def forward(x, *args, **kwargs):
             with torch.no_grad():
-                return compiled(x, *args, **kwargs)
+                if forward._failed:
+                    return eager(x, *args, **kwargs)
+                try:
+                    return compiled(x, *args, **kwargs)
+                except Exception as e:  # no working compiler toolchain, an unsupported op, ...
+                    # Compiling happens at the first call (and at a new input shape): fall back to
+                    # the plain forward for the rest of the run instead of failing a long job.
+                    forward._failed = True
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    logging.getLogger(__name__).warning(
+                        f"compiling the frozen image trunk failed ({type(e).__name__}: {first}); running it eagerly")
+                    return eager(x, *args, **kwargs)
+
+        forward._failed = False
 
         forward._frozen_compiled = True
         trunk.forward = forward

@@ -66,12 +66,21 @@ def make_groups(
     return list(groups.values())
 
 
+def _fused_supported(groups: List[dict]) -> bool:
+    """AdamW's fused kernel (one pass over all params instead of a Python loop per tensor; same
+    update, differences at rounding level) needs floating-point params on CPU or CUDA. Unlock
+    groups added later hold params of the same model, so they qualify alike."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_optimizer(groups: List[dict], cfg: OptimCfg) -> torch.optim.Optimizer:
     if not groups:
         raise UserError("nothing to train: every parameter is frozen at the start of the run")
     name = cfg.name.lower()
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 fused=_fused_supported(groups))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     try:  # upstream spells timm optimizers 'timm/{name}'; timm's registry knows them without the prefix

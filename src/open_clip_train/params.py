@@ -386,9 +386,10 @@ def _add_locking(p: argparse.ArgumentParser) -> None:
         "--lock-pattern", type=_regex, action="append", default=[], metavar="REGEX",
         help="Freeze parameters whose name matches REGEX (re.search); repeatable.")
     g.add_argument(
-        "--compile-frozen", default=False, action="store_true",
-        help="While the image trunk is fully frozen, run it with torch.compile and without autograd "
-             "(faster frozen forward after a one-off compile; off by default).")
+        "--compile-frozen", nargs="?", choices=("auto", "on", "off"), const="on", default="auto",
+        help="While the image trunk is fully frozen, run it with torch.compile and without autograd. "
+             "auto (default): when the timed eager forward x the frozen steps left pays for the compile; "
+             "on (also plain --compile-frozen): always; off: never.")
     g.add_argument(
         "--frozen-train-mode", default=False, action="store_true",
         help="Keep fully frozen modules in train mode (dropout/BatchNorm behave as in training).")
@@ -508,6 +509,10 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dry-run", default=False, action="store_true",
         help="Validate the configuration, build everything, then exit before training.")
+    g.add_argument(
+        "--malloc-retain", default=True, action=argparse.BooleanOptionalAction,
+        help="CPU training: keep freed host memory for reuse (glibc mmap/trim thresholds) instead of "
+             "page-faulting it in again every step (default on; --no-malloc-retain keeps glibc's defaults).")
     g.add_argument(
         "--trust-checkpoint", default=False, action="store_true",
         help="Allow checkpoints/weights that need full unpickling (only for files you trust).")

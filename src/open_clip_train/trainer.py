@@ -29,7 +29,8 @@ from .data import DataInfo, RetrievalData, get_data
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
-from .freeze import compile_frozen_trunk, FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
+from .frozen_compile import FrozenTrunkCompiler
+from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
 from .objective import Objective
 from .models import create_model, get_preprocess, get_tokenizer
@@ -196,6 +197,9 @@ class Trainer:
         self.optimizer = build_optimizer(make_groups(self.model, self.plan.rules_at(0), cfg.optim), cfg.optim)
         self.scaler = grad_scaler(cfg.model.precision, device)
         self.applied_unlocks = set()
+        # (not while the objective captures trunk features: that hook must stay in Python)
+        self.compiler = FrozenTrunkCompiler(cfg.model.compile_frozen, device,
+                                            allowed=getattr(self.objective, "capture", None) is None)
         self._wrap()
         if paths is not None:
             self.reporters = Reporters(list(cfg.output.report_to), paths, paths.root.name, cfg.settings, world.is_master,
@@ -212,15 +216,17 @@ class Trainer:
 
     def _wrap(self) -> None:
         """(Re)build the DDP wrapper over the current trainable set."""
-        # (not while the objective captures trunk features: that hook must stay in Python)
-        enable = self.cfg.model.compile_frozen and getattr(self.objective, "capture", None) is None
-        if compile_frozen_trunk(self.model, enable):
-            logging.info("image trunk fully frozen: running it compiled, without autograd (--compile-frozen)")
+        self.compiler.on_phase(self.model, self.step, self._image_frozen_until())
         self.ddp = None  # drop the old wrapper (and its reducer hooks) before building a new one
         if self.world.distributed:
             kwargs = {"device_ids": [self.device]} if self.device.type == "cuda" else {}
             self.ddp = DistributedDataParallel(self.model, static_graph=self.cfg.dist.ddp_static_graph, **kwargs)
         self.verify_grads = True
+
+    def _image_frozen_until(self) -> int:
+        """The global step at which the image tower's next unlock (or the run) ends this phase."""
+        later = [u.epoch for u in self.plan.unlocks if u.tower == "image" and u.origin not in self.applied_unlocks]
+        return min(later + [self.cfg.train.epochs]) * self.steps_per_epoch
 
     @property
     def net(self) -> torch.nn.Module:
@@ -376,6 +382,7 @@ class Trainer:
                 terms = self.train_step(batches)
                 batches = []
                 self.step += 1
+                self.compiler.after_step(self.model, self.step)
                 steps_done += 1
                 meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time)
                 last = steps_done == self.steps_per_epoch
