@@ -450,12 +450,13 @@ class Trainer:
         checkpoint, the test hook, and the stop agreement. True: stopped."""
         every = self.cfg.output.save_every_n_steps
         epoch_end = steps_done == self.steps_per_epoch
-        if every and self.step % every == 0 and not (epoch_end and self._saves_at_epoch_end(epoch + 1)):
+        saved = bool(every) and self.step % every == 0 and not (epoch_end and self._saves_at_epoch_end(epoch + 1))
+        if saved:
             self.save_step(epoch, steps_done)
         faults.at_step(self.step)
         signum = self._stop_agreed()
         if signum:
-            self._stop(epoch, steps_done, signum, saved=False)
+            self._stop(epoch, steps_done, signum, saved)
             return True
         return False
 
