@@ -75,8 +75,7 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
     fault = faults.from_env()  # test hook; None unless OPEN_CLIP_TRAIN_FAULT is set
     check_config(cfg)  # before any process group, run directory or data
     device = dist_env.pick_device(world, cfg.dist.device if cfg.dist.device == "cpu" else "auto")
-    # from here on a stop signal is recorded, and acted on at the first step boundary
-    stop = StopRequest().install()
+    stop = StopRequest()
     faults.install(fault, world.rank)
     backend = dist_env.init(world, device, cfg.dist.backend)
     trainer = None
@@ -89,6 +88,10 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
         resume_from = dist_env.broadcast_object(_resume_path(cfg, paths) if world.is_master else None)
         if resume_from is not None:
             trainer.resume(resume_from)
+        # From here on a stop signal is recorded and acted on at the next step boundary. Before,
+        # it keeps its default action: nothing of this attempt is lost, and a process blocked in
+        # the rendezvous or in data loading ends at once instead of waiting for a step.
+        stop.install()
         stopped = trainer.fit()
         dist_env.barrier()
         return EXIT_STOPPED if stopped else 0
