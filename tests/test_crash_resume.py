@@ -244,6 +244,7 @@ def test_stop_signal_checkpoints_that_step_and_exits_75(signalled):
     assert stopped_rows == list(range(1, epoch + 1))  # the stopped epoch was not evaluated yet
     assert f"{kind.upper()} received: stopping after step {step} " in log
     assert "stopped on" in log and "continue with --resume latest" in log
+    assert log.count(f"saved step_{step}.pt") == 1
     assert f"Train Epoch: {epoch} " in log and f"step {step + 1} " not in log
 
 
