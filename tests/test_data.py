@@ -351,6 +351,22 @@ def test_webdataset_train_round_trip(demo, shards):
     assert [decode(t) for _, t in info.dataloader] != [decode(t) for _, t in batches]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_mid_epoch_resume_reads_past_the_done_batches(shards, workers):
+    """A stream cannot seek: the resumed epoch reads and drops its first batches, and what
+    follows is exactly the rest of the uninterrupted epoch (also with several workers, whose
+    batches the loader interleaves)."""
+    cfg = DataCfg(train_data=str(shards / "demo-{000..003}.tar"), batch_size=10, seed=0, workers=workers)
+    info = get_data(cfg, PLAIN, PLAIN, byte_tokenizer)["train"]
+    info.set_epoch(1)
+    full = [decode(t) for _, t in info.batches()]
+    fresh = get_data(cfg, PLAIN, PLAIN, byte_tokenizer)["train"]  # a new process after the crash
+    fresh.set_epoch(1, start_batch=4)
+    assert [decode(t) for _, t in fresh.batches()] == full[4:]
+    fresh.set_epoch(2)  # the skip is used up: the next epoch is whole
+    assert len(list(fresh.batches())) == len(full) == 10
+
+
 def test_webdataset_needs_num_samples_without_sizes(shards, tmp_path):
     for shard in shards.glob("*.tar"):
         shutil.copy(shard, tmp_path)

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,65 @@ def test_srun_script_starts_one_task_per_gpu_without_torchrun():
     assert directives["ntasks-per-node"] == directives["gpus-per-node"]
     command = re.search(r"^srun .*?(?<!\\)\n", text, re.M | re.S).group(0)
     assert "python -m open_clip_train.main" in command and "torchrun" not in command
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# stands in for srun: records its command line, exits 75 on SIGTERM as the trainer does
+printf '%s\\n' "$@" > "$FAKE_DIR/srun.args"
+trap 'echo TERM > "$FAKE_DIR/srun.signal"; exit 75' TERM
+if [ -n "${FAKE_SRUN_EXIT:-}" ]; then exit "$FAKE_SRUN_EXIT"; fi
+while true; do sleep 0.05; done
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$@" >> "$FAKE_DIR/scontrol.calls"
+if [ "$1" = show ]; then echo localhost; fi
+"""
+
+
+def run_sbatch(script: Path, tmp_path: Path, usr1: bool, srun_exit: str = ""):
+    """The sbatch script under bash with fake srun / scontrol; USR1 once srun is running."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    env = dict(clean_env(tmp_path), PATH=f"{fake}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path), REPO=str(tmp_path),
+               SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="n[1-2]", FAKE_SRUN_EXIT=srun_exit)
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        if usr1:
+            for _ in range(400):
+                if (tmp_path / "srun.args").exists():
+                    break
+                time.sleep(0.025)
+            time.sleep(0.2)  # srun's TERM trap is set right after it records its arguments
+            os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@N does
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    calls = (tmp_path / "scontrol.calls").read_text().splitlines() if (tmp_path / "scontrol.calls").exists() else []
+    return proc.returncode, out, err, calls
+
+
+@pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
+def test_sbatch_usr1_stops_the_step_with_sigterm_and_requeues(script, tmp_path):
+    text = script.read_text()
+    warn = re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M)
+    assert warn and int(warn.group(1)) >= 60 and "#SBATCH --requeue" in text
+    code, out, err, calls = run_sbatch(script, tmp_path, usr1=True)
+    assert code == 0, err
+    assert (tmp_path / "srun.signal").read_text().strip() == "TERM"  # forwarded to the step as SIGTERM
+    assert "requeue 4242" in calls
+    args = (tmp_path / "srun.args").read_text().split("\n")
+    assert "open_clip_train.main" in args and args[args.index("--resume") + 1] == "latest"
+
+
+@pytest.mark.parametrize("srun_exit", ["0", "1"])
+def test_sbatch_without_usr1_ends_with_the_step_and_does_not_requeue(srun_exit, tmp_path):
+    code, _, _, calls = run_sbatch(ROOT / "scripts" / "slurm" / "single_node.sbatch", tmp_path, usr1=False,
+                                   srun_exit=srun_exit)
+    assert code == int(srun_exit)  # a finished (or failed) run is not requeued
+    assert not [c for c in calls if c.startswith("requeue")]

@@ -4,21 +4,35 @@ name (`param_groups`), and RNG states.
 
 Writes are atomic (temporary file, fsync, rename), so a kill at any moment leaves the previous
 checkpoint loadable; `latest` only ever names complete files.
+
+Files in a run's checkpoints/: `epoch_N.pt` (after epoch N and its evaluation), `epoch_latest.pt`
+(--save-most-recent) and `step_S.pt` (mid-epoch, at global step S: --save-every-n-steps or a stop
+signal; only the newest is kept). Every checkpoint records `epoch` (completed epochs) and
+`epoch_step` (optimizer steps done in the epoch after those; 0 at an epoch's end), so `find_latest`
+orders them by what they hold, not by name or mtime.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from . import faults
 from .errors import UserError
 
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+_TMP_RE = re.compile(r"^\..+\.tmp-\d+$")  # atomic_save's temporary files
+
+
+def step_name(step: int) -> str:
+    return f"step_{step}.pt"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -26,6 +40,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
+        faults.in_save(f, obj.get("step") if isinstance(obj, dict) else None)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -75,14 +90,54 @@ def list_checkpoints(ckpt_dir: Path) -> Dict[int, Path]:
     return out
 
 
+def list_step_checkpoints(ckpt_dir: Path) -> Dict[int, Path]:
+    out = {}
+    if Path(ckpt_dir).is_dir():
+        for p in Path(ckpt_dir).iterdir():
+            m = _STEP_RE.match(p.name)
+            if m:
+                out[int(m.group(1))] = p
+    return out
+
+
+def position(path: Path) -> Optional[Tuple[int, int]]:
+    """(epoch, step) a checkpoint records, read without loading its tensors (mmap); None when the
+    file is not a complete, readable checkpoint. Upstream's hold no step: (epoch, 0)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["epoch"]), int(state.get("step", 0))
+    except Exception:  # torn, foreign or pickled beyond plain containers: not a resume point
+        return None
+
+
 def find_latest(ckpt_dir: Path) -> Optional[Path]:
-    """Newest complete checkpoint: epoch_latest.pt if present, else the highest epoch_N.pt."""
-    latest = Path(ckpt_dir) / "epoch_latest.pt"
-    candidates = list_checkpoints(ckpt_dir)
-    best = candidates[max(candidates)] if candidates else None
-    if latest.exists() and (best is None or latest.stat().st_mtime >= best.stat().st_mtime):
-        return latest
+    """The newest complete checkpoint by its recorded (epoch, step); temporary files never count,
+    and unreadable ones are skipped with a warning. Ties (epoch_latest.pt and epoch_N.pt of the
+    same step hold the same state) go to the epoch_N.pt / step_S.pt file."""
+    ckpt_dir = Path(ckpt_dir)
+    names = [p for p in ckpt_dir.iterdir() if _EPOCH_RE.match(p.name) or _STEP_RE.match(p.name)
+             or p.name == "epoch_latest.pt"] if ckpt_dir.is_dir() else []
+    best, best_key = None, None
+    for p in sorted(names):  # epoch_latest.pt sorts after epoch_N.pt: ties keep the numbered file
+        pos = position(p)
+        if pos is None:
+            logging.warning(f"skipping {p}: not a complete checkpoint")
+            continue
+        if best_key is None or pos > best_key:
+            best, best_key = p, pos
     return best
+
+
+def remove_stale_temps(ckpt_dir: Path) -> List[Path]:
+    """Delete the temporary files of writes that a kill interrupted (they were never renamed
+    into place, so nothing refers to them)."""
+    removed = []
+    if Path(ckpt_dir).is_dir():
+        for p in Path(ckpt_dir).iterdir():
+            if _TMP_RE.match(p.name):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def load(path: Path, trust: bool = False) -> Dict[str, Any]:

@@ -102,6 +102,7 @@ class OutputCfg:
     save_frequency: int = 1
     save_most_recent: bool = False
     delete_previous_checkpoint: bool = False
+    save_every_n_steps: int = 0  # mid-epoch checkpoints (0: epoch ends only)
     resume: Optional[str] = None
     debug: bool = False
 
@@ -220,6 +221,7 @@ class RunCfg:
                 save_frequency=a.save_frequency,
                 save_most_recent=a.save_most_recent,
                 delete_previous_checkpoint=a.delete_previous_checkpoint,
+                save_every_n_steps=a.save_every_n_steps,
                 resume=a.resume,
                 debug=a.debug,
             ),

@@ -289,6 +289,15 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size()
 
 
+def all_reduce_max_int(value: int, device: torch.device) -> int:
+    """The largest `value` over ranks (identity in a single process); one tiny collective."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not _initialized():
         return obj

@@ -1,6 +1,7 @@
 """`python -m open_clip_train.main` / `torchrun -m open_clip_train.main`: parse, check, open the
 run, build, resume, train, close. User errors end as one `error: ...` line on stderr and exit
-code 2, found before any data is read where possible (`trainer.check_config`).
+code 2, found before any data is read where possible (`trainer.check_config`). SIGTERM / SIGUSR1
+end a training run at the next step with a checkpoint and exit code 75 (`preempt.EXIT_STOPPED`).
 
 Only the flag parser is imported at module level, so `--help` and flag errors answer at once;
 torch, open_clip and the trainer are imported once the flags are known to be valid.
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the trainer; returns the exit code (0 ok, 2 user error; --help returns 0)."""
+    """Run the trainer; returns the exit code (0 ok, 2 user error, 75 stopped by a signal with a
+    checkpoint to resume; --help returns 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)  # prints its own one-line error
@@ -64,12 +66,17 @@ def _dry_run(cfg: RunCfg) -> int:
 
 def _train(cfg: RunCfg, argv: List[str]) -> int:
     from . import distributed as dist_env
+    from . import faults
+    from .preempt import EXIT_STOPPED, StopRequest
     from .run_outputs import teardown_logging
     from .trainer import Trainer, check_config
 
     world = dist_env.world_from_env()
+    fault = faults.from_env()  # test hook; None unless OPEN_CLIP_TRAIN_FAULT is set
     check_config(cfg)  # before any process group, run directory or data
     device = dist_env.pick_device(world, cfg.dist.device if cfg.dist.device == "cpu" else "auto")
+    stop = StopRequest()
+    faults.install(fault, world.rank)
     backend = dist_env.init(world, device, cfg.dist.backend)
     trainer = None
     try:
@@ -83,18 +90,24 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
             note = retain_freed_memory()  # before the model and data loaders allocate
             if note:
                 logging.info(note)
-        trainer = Trainer.build(cfg, world, device, paths)
+        trainer = Trainer.build(cfg, world, device, paths, stop)
         resume_from = dist_env.broadcast_object(_resume_path(cfg, paths) if world.is_master else None)
         if resume_from is not None:
             trainer.resume(resume_from)
-        trainer.fit()
+        # From here on a stop signal is recorded and acted on at the next step boundary. Before,
+        # it keeps its default action: nothing of this attempt is lost, and a process blocked in
+        # the rendezvous or in data loading ends at once instead of waiting for a step.
+        stop.install()
+        stopped = trainer.fit()
         dist_env.barrier()
-        return 0
+        return EXIT_STOPPED if stopped else 0
     finally:
         if trainer is not None:
             trainer.close()
         dist_env.close()
         teardown_logging()
+        faults.install(None, 0)
+        stop.restore()
 
 
 def _open_run(cfg: RunCfg, world: World, device: torch.device, argv: List[str]) -> Optional[RunPaths]:
@@ -115,6 +128,11 @@ def _open_run(cfg: RunCfg, world: World, device: torch.device, argv: List[str]) 
         prepare_run_dir(paths)
     setup_logging(paths.log if paths is not None and world.is_master else None,
                   logging.DEBUG if out.debug else logging.INFO, world.rank)
+    if world.is_master and paths is not None:
+        from .checkpoint import remove_stale_temps
+
+        for p in remove_stale_temps(paths.checkpoints):
+            logging.warning(f"removed {p.name}: the temporary file of a checkpoint write that was interrupted")
     if world.is_master and paths is not None:
         settings = dict(cfg.settings, name=name, world_size=world.world_size, rank=world.rank,
                         distributed=world.distributed, device=str(device))  # resolved, as upstream

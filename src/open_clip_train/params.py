@@ -445,6 +445,10 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
         "--delete-previous-checkpoint", default=False, action="store_true",
         help="Delete the previous checkpoint after saving a new one.")
     g.add_argument(
+        "--save-every-n-steps", type=_int_at_least(0), default=0, metavar="N",
+        help="Also checkpoint every N optimizer steps inside an epoch (step_S.pt, only the newest kept), "
+             "so --resume latest continues from that batch. 0: only at epoch ends.")
+    g.add_argument(
         "--resume", default=None, type=str,
         help="Checkpoint to resume from ('latest' for the newest in this run's directory).")
     g.add_argument(

@@ -90,11 +90,23 @@ def setup_logging(log_file: Optional[Path], level: int = logging.INFO, rank: int
     root.setLevel(level)
     handlers: List[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
+        _end_torn_line(log_file)
+        handlers.append(logging.FileHandler(log_file))  # appends: a resumed run continues the log
     for h in handlers:
         h.setFormatter(formatter)
         h._open_clip_train = True  # so a second main() in one process does not double-log
         root.addHandler(h)
+
+
+def _end_torn_line(path: Path) -> None:
+    """A run killed mid-write can leave out.log without its last newline; end that line so the
+    next run's first line starts on its own."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def teardown_logging() -> None:
@@ -132,13 +144,21 @@ def _jsonable(row: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def read_results(path: Path) -> List[Dict[str, Any]]:
+    """The rows of results.jsonl; a line that is not a JSON object (a write cut short by a kill)
+    is skipped with a warning."""
     rows = []
     if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                logging.warning(f"skipping a half-written line in {path}")
+                row = None
+            if not isinstance(row, dict):
+                logging.warning(f"{path}: dropping half-written line {n} ({line[:60]!r})")
+                continue
+            rows.append(row)
     return rows
 
 

@@ -5,6 +5,10 @@ every epoch starts with `enter_epoch`, which applies the freezing plan: unlocked
 requires_grad, their own param groups (nothing else in the optimizer changes), and the DDP
 wrapper is rebuilt, because DDP only hooks params that required grad when it was built.
 Flipping requires_grad under a live wrapper would leave new params unsynchronised.
+
+At every step boundary (`_step_boundary`): the --save-every-n-steps checkpoint, then the ranks
+agree on whether a stop signal arrived (one all-reduce); if so, rank 0 checkpoints that exact
+step and `fit` returns True (stopped). The same agreement follows each epoch's save.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import distributed as dist_env
+from . import faults
 from .config import RunCfg
 from .data import DataInfo, RetrievalData, get_data
 from .distributed import World
@@ -33,6 +38,7 @@ from .frozen_compile import FrozenTrunkCompiler
 from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
 from .objective import Objective
+from .preempt import StopRequest, signal_name
 from .models import create_model, get_preprocess, get_tokenizer
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
@@ -141,18 +147,22 @@ class _Meter:
 
 
 class Trainer:
-    def __init__(self, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths]):
+    def __init__(self, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths],
+                 stop: Optional[StopRequest] = None):
         self.cfg, self.world, self.device, self.paths = cfg, world, device, paths
+        self.stop = stop
         self.step = 0
         self.start_epoch = 0
+        self.start_epoch_step = 0  # optimizer steps of start_epoch already done (mid-epoch resume)
         self.ddp: Optional[torch.nn.Module] = None
         self.verify_grads = True  # cheap frozen-gets-no-grad check on the first step after a change
         self.reporters: Optional[Reporters] = None
 
     # ---------------------------------------------------------------- build
     @classmethod
-    def build(cls, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths]) -> "Trainer":
-        self = cls(cfg, world, device, paths)
+    def build(cls, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths],
+              stop: Optional[StopRequest] = None) -> "Trainer":
+        self = cls(cfg, world, device, paths, stop)
         seed_everything(cfg.train.seed, 0)  # identical init on every rank
         with user_errors(f"--model {cfg.model.name}"):
             self.model, report = create_model(
@@ -236,7 +246,8 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint of this run's schedule: weights, the trainable set and param
         groups by name as they were in the checkpoint's last epoch (later unlocks follow on
-        schedule in `enter_epoch`), optimizer and scaler state, step, RNG."""
+        schedule in `enter_epoch`), optimizer and scaler state, step, RNG and, for a mid-epoch
+        checkpoint, the position in the epoch."""
         state = ckpt.load(path)
         sd = ckpt.strip_module_prefix(state.get("state_dict", state))
         missing, unexpected = self.model.load_state_dict(sd, strict=False)
@@ -244,13 +255,20 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not fit model {self.cfg.model.name}: "
                             f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
         epoch = int(state.get("epoch", 0))
+        epoch_step = int(state.get("epoch_step", 0))
         self.start_epoch = epoch
         self.step = int(state.get("step", epoch * self.steps_per_epoch))
         if self.train_data is None:  # evaluating a checkpoint: its weights are all that matter
             logging.info(f"=> loaded checkpoint '{path}' for evaluation (epoch {epoch})")
             return
-        # The trainable set during the checkpoint's last epoch, then today's unlocks on schedule.
-        rules = self.plan.rules_at(max(epoch - 1, 0))
+        if epoch_step and (epoch_step > self.steps_per_epoch or self.step != epoch * self.steps_per_epoch + epoch_step):
+            raise UserError(f"checkpoint {path} was saved at step {epoch_step} of epoch {epoch} with another number of "
+                            f"steps per epoch than this run's {self.steps_per_epoch}; resume with the original "
+                            "--batch-size, --train-num-samples, --accum-freq and world size")
+        self.start_epoch_step = epoch_step
+        # The trainable set when the checkpoint was written (inside epoch `epoch`, or at the end
+        # of the one before), then today's unlocks on schedule.
+        rules = self.plan.rules_at(epoch if epoch_step else max(epoch - 1, 0))
         apply_trainable(self.model, list(rules))
         layout = state.get("param_groups")
         if layout is not None:
@@ -278,14 +296,18 @@ class Trainer:
         self.objective.on_unlock({u.tower for u in self.plan.unlocks if u.origin in self.applied_unlocks})
         self._set_lr(self.step)
         self._wrap()
-        logging.info(f"=> resumed checkpoint '{path}' (epoch {epoch}, step {self.step})")
+        where = f", {epoch_step}/{self.steps_per_epoch} steps into epoch {epoch}" if epoch_step else ""
+        logging.info(f"=> resumed checkpoint '{path}' (epoch {epoch}, step {self.step}{where})")
         logging.info(f"trainable params (RESUME at epoch {epoch}): {format_counts(count_trainable(self.model))}")
         for line in group_table(self.optimizer):
             logging.info(line)
 
-    def state_dict(self, completed_epoch: int) -> dict:
+    def state_dict(self, completed_epoch: int, epoch_step: int = 0) -> dict:
+        """`epoch`: completed epochs (upstream's meaning); `epoch_step`: optimizer steps done
+        in the next one (a mid-epoch checkpoint; upstream's loader restarts that epoch)."""
         state = {
             "epoch": completed_epoch,
+            "epoch_step": epoch_step,
             "name": self.paths.root.name if self.paths else "",
             "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -298,28 +320,54 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def save(self, completed_epoch: int) -> None:
+    def _periodic(self, completed_epoch: int) -> bool:
         out = self.cfg.output
-        if self.paths is None or not self.world.is_master:
-            return
         is_last = completed_epoch == self.cfg.train.epochs  # always saved, as upstream
-        periodic = is_last or (out.save_frequency > 0 and completed_epoch % out.save_frequency == 0)
-        if not (periodic or out.save_most_recent):
-            return
+        return is_last or (out.save_frequency > 0 and completed_epoch % out.save_frequency == 0)
+
+    def _saves_at_epoch_end(self, completed_epoch: int) -> bool:
+        """Whether `save(completed_epoch)` writes a checkpoint (the same answer on every rank)."""
+        return self.paths is not None and (self._periodic(completed_epoch) or self.cfg.output.save_most_recent)
+
+    def save(self, completed_epoch: int) -> bool:
+        """The epoch-end checkpoint(s); True when one was written. Every deletion comes after the
+        write that supersedes it, so a kill at any point leaves a complete checkpoint."""
+        out = self.cfg.output
+        if not self._saves_at_epoch_end(completed_epoch):
+            return False
+        if not self.world.is_master:
+            return True
         state = self.state_dict(completed_epoch)
-        if periodic:
+        if self._periodic(completed_epoch):
             ckpt.atomic_save(state, self.paths.checkpoints / f"epoch_{completed_epoch}.pt")
-            prev = self.paths.checkpoints / f"epoch_{completed_epoch - 1}.pt"
-            if out.delete_previous_checkpoint and prev.exists():
-                prev.unlink()  # only after the new one is safely on disk
+            if out.delete_previous_checkpoint:
+                for n, prev in ckpt.list_checkpoints(self.paths.checkpoints).items():
+                    if n < completed_epoch:
+                        prev.unlink()
         if out.save_most_recent:
             ckpt.atomic_save(state, self.paths.checkpoints / "epoch_latest.pt")
+        self._drop_step_checkpoints(before=self.step + 1)  # superseded by this epoch's end
+        return True
+
+    def save_step(self, epoch: int, epoch_step: int) -> None:
+        """A mid-epoch checkpoint, step_<global step>.pt; the older ones go once it is on disk."""
+        if self.paths is None or not self.world.is_master:
+            return
+        path = self.paths.checkpoints / ckpt.step_name(self.step)
+        ckpt.atomic_save(self.state_dict(epoch, epoch_step), path)
+        self._drop_step_checkpoints(before=self.step)
+        logging.info(f"saved {path.name} (epoch {epoch}, {epoch_step}/{self.steps_per_epoch} steps, step {self.step})")
+
+    def _drop_step_checkpoints(self, before: int) -> None:
+        for s, p in ckpt.list_step_checkpoints(self.paths.checkpoints).items():
+            if s < before:
+                p.unlink()
 
     # ---------------------------------------------------------------- loop
-    def fit(self) -> None:
+    def fit(self) -> bool:
         """Epochs start_epoch..epochs-1; after each: evaluate, then checkpoint (upstream's order,
         so a checkpoint's epoch is always evaluated and results.jsonl keeps one row per epoch
-        whenever the run stops)."""
+        whenever the run stops). Returns True when a stop signal ended it early (checkpointed)."""
         cfg = self.cfg
         if self.paths is not None and self.world.is_master:
             drop_results_after(self.paths.results, self.start_epoch)
@@ -328,16 +376,22 @@ class Trainer:
         if self.train_data is None:
             if self.val_data is not None and not cfg.eval.val_at_start:
                 self.evaluate(self.start_epoch)
-            return
+            return False
         if self.start_epoch >= cfg.train.epochs:
             logging.info(f"nothing to train: the checkpoint has completed {self.start_epoch}/{cfg.train.epochs} epochs")
         for epoch in range(self.start_epoch, cfg.train.epochs):
             self.enter_epoch(epoch)
-            self.train_epoch(epoch)
+            if self.train_epoch(epoch):
+                return True
             completed = epoch + 1
             if self.val_data is not None and (completed % cfg.eval.val_frequency == 0 or completed == cfg.train.epochs):
                 self.evaluate(completed)
-            self.save(completed)
+            saved = self.save(completed)
+            signum = self._stop_agreed()  # a signal during the evaluation or the save lands here
+            if signum and completed < cfg.train.epochs:
+                self._stop(completed, 0, signum, saved)
+                return True
+        return False
 
     def enter_epoch(self, epoch: int) -> None:
         """Apply the plan's unlocks for this epoch (idempotent across resumes)."""
@@ -359,19 +413,22 @@ class Trainer:
         for line in group_table(self.optimizer):
             logging.info(line)
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch from its first batch, or from the resumed checkpoint's position; True when
+        a stop signal ended it (after checkpointing that step)."""
         cfg, data = self.cfg, self.train_data
-        data.set_epoch(epoch)
-        self.net.train()
         accum = cfg.train.accum_freq
+        start = self.start_epoch_step if epoch == self.start_epoch else 0
+        data.set_epoch(epoch, start_batch=start * accum)
+        self.net.train()
         meter = _Meter()
         epoch_t0 = time.perf_counter()
         batches: List = []
         t_data = time.perf_counter()
-        steps_done = 0
+        steps_done = start
         # a refreshing status line on an interactive rank 0 only; the log lines are unchanged
         with ProgressLine(self.steps_per_epoch, epoch, cfg.train.epochs, enabled=self.world.is_master) as progress:
-            for i, batch in enumerate(data.dataloader):
+            for i, batch in enumerate(data.batches(), start=start * accum):
                 if i // accum >= self.steps_per_epoch:
                     break
                 batches.append(batch)
@@ -387,10 +444,51 @@ class Trainer:
                 meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time)
                 last = steps_done == self.steps_per_epoch
                 if steps_done % cfg.train.log_every_n_steps == 0 or last:
-                    self._log_progress(epoch, steps_done, meter, epoch_t0)
+                    self._log_progress(epoch, steps_done, steps_done - start, meter, epoch_t0)
                     meter = _Meter()
                 progress.update(steps_done, sum(terms.values()), cfg.train.batch_size * accum * self.world.world_size)
+                if self._step_boundary(epoch, steps_done):
+                    return True
                 t_data = time.perf_counter()
+        return False
+
+    def _step_boundary(self, epoch: int, steps_done: int) -> bool:
+        """After optimizer step `self.step` (`steps_done` of this epoch): the periodic mid-epoch
+        checkpoint, the test hook, and the stop agreement. True: stopped."""
+        every = self.cfg.output.save_every_n_steps
+        epoch_end = steps_done == self.steps_per_epoch
+        saved = bool(every) and self.step % every == 0 and not (epoch_end and self._saves_at_epoch_end(epoch + 1))
+        if saved:
+            self.save_step(epoch, steps_done)
+        faults.at_step(self.step)
+        signum = self._stop_agreed()
+        if signum:
+            self._stop(epoch, steps_done, signum, saved)
+            return True
+        return False
+
+    def _stop_agreed(self) -> int:
+        """The stop signal any rank received (0: none), the same on every rank, so all of them
+        stop after the same step. Under DDP one all-reduce of one integer per step: the step
+        already waits for the loss values (`float(v)` in train_step), so this adds no new sync."""
+        local = self.stop.signum if self.stop is not None else 0
+        return dist_env.all_reduce_max_int(local, self.device)
+
+    def _stop(self, epoch: int, epoch_step: int, signum: int, saved: bool) -> None:
+        """Checkpoint the current position (unless the epoch's end was just saved), flush, and
+        wait for rank 0's write, so no rank exits before the checkpoint is on disk."""
+        name = signal_name(signum)
+        logging.warning(f"{name} received: stopping after step {self.step} "
+                        f"(epoch {epoch}, {epoch_step}/{self.steps_per_epoch} steps)")
+        if self.paths is None:
+            logging.warning("--log-dir none: no checkpoint written, the run cannot be resumed")
+        elif not saved:
+            self.save_step(epoch, epoch_step)
+        if self.paths is not None:
+            logging.info(f"stopped on {name}; continue with --resume latest")
+        for h in logging.getLogger().handlers:
+            h.flush()
+        dist_env.barrier()
 
     def _set_lr(self, step: int) -> None:
         """Every group's lr for optimizer step `step`: the schedule's base lr (constant --lr with
@@ -467,10 +565,10 @@ class Trainer:
         if missing:
             logging.warning(f"{len(missing)} trainable params got no gradient this step, e.g. {missing[:3]}")
 
-    def _log_progress(self, epoch: int, steps_done: int, meter: _Meter, epoch_t0: float) -> None:
+    def _log_progress(self, epoch: int, steps_done: int, steps_here: int, meter: _Meter, epoch_t0: float) -> None:
         total_steps = self.steps_per_epoch
         sps = meter.samples / meter.elapsed()
-        per_step = (time.perf_counter() - epoch_t0) / steps_done
+        per_step = (time.perf_counter() - epoch_t0) / max(steps_here, 1)  # steps this process ran
         remaining = (total_steps - steps_done) + total_steps * (self.cfg.train.epochs - epoch - 1)
         eta = _fmt_time(per_step * remaining)
         # Each rank's loss covers its local rows (--local-loss); the mean over ranks is the

@@ -13,8 +13,9 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -77,18 +78,29 @@ class DataInfo:
     num_samples: int  # global samples per epoch (num_batches * batch_size * world_size)
     num_batches: int  # per rank per epoch
     shared_epoch: SharedEpoch | None = None  # webdataset: epoch seen by loader workers
+    _skip: int = 0  # streamed data: batches of the next pass to read and drop
 
     def set_epoch(self, epoch: int, start_batch: int | None = None) -> None:
         """Select the epoch's order and captions; start_batch, if given, skips that many
-        batches of the next pass (mid-epoch resume; same as setting sampler.start_batch)."""
+        batches of the next pass (mid-epoch resume). Map-style data skip them in the sampler
+        (no sample is read); a stream has no index to seek to, so `batches()` reads and drops
+        them: the stream is seeded per (seed, epoch, rank, worker), so what follows is exactly
+        what an uninterrupted epoch would have trained on."""
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
             if start_batch is not None:
                 self.sampler.start_batch = start_batch
-        elif start_batch:
-            logging.warning("mid-epoch resume is not supported for streamed data; running the whole epoch")
+        else:
+            self._skip = start_batch or 0
         if self.shared_epoch is not None:
             self.shared_epoch.set(epoch)
+
+    def batches(self) -> Iterator:
+        """One pass over the loader, from the position set_epoch selected."""
+        skip, self._skip = self._skip, 0
+        if skip:
+            logging.info(f"streamed data: reading past {skip} batches already trained on")
+        return islice(iter(self.dataloader), skip, None)
 
 
 def load_rgb(source: ImageSource | Path) -> Image.Image:

@@ -1,0 +1,171 @@
+"""Faults in a 2-rank torchrun group (CPU, gloo): SIGTERM through torchrun, and a worker crash
+under `--max-restarts 1`. Each is resumed and must end bitwise equal to the uninterrupted
+2-rank run (same layout, same reduction order).
+
+Schedule: 2 epochs of 4 steps (32 samples, 2 ranks x batch 4), image tower locked and unlocked
+at epoch 1. The launcher script wraps main: every rank dumps its final weights and writes its
+exit code to $DUMP_DIR (the trainer itself checkpoints rank 0 only).
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from open_clip_train import faults
+from open_clip_train.demo_data import generate
+from open_clip_train.preempt import EXIT_STOPPED
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+MODEL = "tiny-convnext-cliptext"
+
+LAUNCHER = textwrap.dedent('''
+    import os, sys, torch
+    from open_clip_train import trainer
+    from open_clip_train.main import main
+
+    _close = trainer.Trainer.close
+
+    def close(self):  # every rank saves the weights it ends with
+        torch.save(self.model.state_dict(), os.path.join(os.environ["DUMP_DIR"], f"rank{self.world.rank}.pt"))
+        _close(self)
+
+    trainer.Trainer.close = close
+    code = main()
+    with open(os.path.join(os.environ["DUMP_DIR"], f"rank{os.environ['RANK']}.rc"), "w") as f:
+        f.write(str(code))
+    sys.exit(code)
+''')
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_faults")
+    demo = generate(root / "demo", num_train=32, num_val=8, image_size=32, seed=0)
+    script = root / "launch.py"
+    script.write_text(LAUNCHER)
+    return root, demo, script
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(demo, logs: Path, name: str, *extra):
+    return [str(a) for a in (
+        "--model", MODEL, "--dataset-type", "coco", "--train-data", demo.train_annotations,
+        "--val-data", demo.val_annotations, "--epochs", 2, "--train-num-samples", 32, "--batch-size", 4,
+        "--lr", "1e-3", "--warmup", 2, "--workers", 0, "--precision", "fp32", "--no-augment", "--seed", 0,
+        "--lock-image", "--unfreeze-image-at-epoch", 1, "--device", "cpu", "--log-every-n-steps", 1,
+        "--log-dir", logs, "--name", name, "--resume", "latest", *extra)]
+
+
+def torchrun(script: Path, args, dump: Path, fault: str = "", max_restarts: int = 0):
+    dump.mkdir(parents=True, exist_ok=True)
+    for old in dump.glob("rank*"):
+        old.unlink()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHONPATH", faults.ENV) and not k.startswith("SLURM_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", DUMP_DIR=str(dump))
+    if fault:
+        env[faults.ENV] = fault
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--max-restarts", str(max_restarts), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def assert_same_end(reference: Path, run: Path):
+    ref, got = load(reference / "checkpoints" / "epoch_2.pt"), load(run / "checkpoints" / "epoch_2.pt")
+    assert got["step"] == ref["step"] == 8
+    assert_same_weights(ref["state_dict"], got["state_dict"])
+    for i in ref["optimizer"]["state"]:
+        for key, value in ref["optimizer"]["state"][i].items():
+            assert torch.equal(value, got["optimizer"]["state"][i][key]), (i, key)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    root, demo, script = setup
+    proc = torchrun(script, train_args(demo, root / "logs", "reference"), root / "dump_reference")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "logs" / "reference"
+
+
+# ---------------------------------------------------------------- SIGTERM through torchrun
+@pytest.fixture(scope="module")
+def sigterm(setup, reference):
+    root, demo, script = setup
+    run, dump = root / "logs" / "sigterm", root / "dump_sigterm"
+    # rank 1 sends SIGTERM to torchrun after step 3; torchrun forwards it to both workers
+    stopped = torchrun(script, train_args(demo, root / "logs", "sigterm"), dump, "sigterm_parent_at_step:3:rank=1")
+    codes = {r: int((dump / f"rank{r}.rc").read_text()) for r in (0, 1) if (dump / f"rank{r}.rc").exists()}
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    log = (run / "out.log").read_text()
+    resumed = torchrun(script, train_args(demo, root / "logs", "sigterm"), dump)
+    return run, dump, stopped, codes, names, log, resumed
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step_with_one_checkpoint(sigterm):
+    run, dump, stopped, codes, names, log, _ = sigterm
+    assert codes == {0: EXIT_STOPPED, 1: EXIT_STOPPED}, stopped.stderr[-4000:]
+    step0 = re.findall(r"\| WARNING \| SIGTERM received: stopping after step (\d+) ", log)
+    step1 = re.findall(r"rank 1 \| WARNING \| SIGTERM received: stopping after step (\d+) ", stopped.stderr)
+    assert len(step0) == len(step1) == 1 and step0 == step1
+    stop = int(step0[0])
+    assert stop >= 3
+    assert [n for n in names if n.startswith("step_")] == [f"step_{stop}.pt"]  # one checkpoint, rank 0's
+    assert log.count(f"saved step_{stop}.pt") == 1
+    assert not [n for n in names if n.startswith(".")]  # no temporary file left
+    # both ranks stopped there: neither trained a step beyond it
+    assert f"step {stop + 1} " not in log and f"step {stop + 1} " not in stopped.stderr
+    # a clean stop: no traceback from the trainer on either rank
+    assert "open_clip_train/trainer.py" not in stopped.stderr and "open_clip_train/main.py" not in stopped.stderr
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_group(sigterm, reference):
+    run, dump, _, _, _, _, resumed = sigterm
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_same_end(reference, run)
+    assert_same_weights(load(dump / "rank0.pt"), load(dump / "rank1.pt"))
+
+
+# ---------------------------------------------------------------- worker crash, torchrun restarts
+@pytest.fixture(scope="module")
+def restarted(setup, reference):
+    root, demo, script = setup
+    proc = torchrun(script, train_args(demo, root / "logs", "restart", "--save-every-n-steps", 2),
+                    root / "dump_restart", "crash_at_step:7:rank=1", max_restarts=1)
+    return root / "logs" / "restart", root / "dump_restart", proc
+
+
+def test_crashed_worker_is_restarted_and_the_group_resumes_from_the_step_checkpoint(restarted, reference):
+    run, dump, proc = restarted
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "injected crash at step 7" in proc.stderr  # the first attempt did crash
+    log = (run / "out.log").read_text()
+    assert log.count("| INFO | world:") == 2  # two attempts, one log
+    assert "step_6.pt' (epoch 1, step 6, 2/4 steps into epoch 1)" in log
+    assert_same_end(reference, run)
+    assert_same_weights(load(dump / "rank0.pt"), load(dump / "rank1.pt"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt", "results.jsonl"]
+    rows = (run / "checkpoints" / "results.jsonl").read_text().splitlines()
+    assert [int(re.match(r'\{"epoch": (\d+)', r).group(1)) for r in rows] == [1, 2]
