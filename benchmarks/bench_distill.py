@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models, smoke check (writes results-distill-tiny.*)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--quiet-threshold", type=float, default=0.3)
     ap.add_argument("--max-wait", type=float, default=60.0)
     ap.add_argument("--upstream-venv", default=None)
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     prof = PROFILES["tiny" if a.tiny else "default"]
     prof.repeats = a.repeats or prof.repeats
     prof.steps = a.steps or prof.steps
+    prof.batch_size = a.batch_size or prof.batch_size
     if prof.steps < prof.skip + 2:
         ap.error(f"--steps must be >= {prof.skip + 2}")
     base = Path(a.out) if a.out else BENCH / ("results-distill-tiny" if a.tiny else "results-distill")
