@@ -328,6 +328,13 @@ def run_trainer(impl: str, python: Path, model_arg: str, setting: str, tsv: Path
     args += ["--logs", "none"]
     if setting == "lock-image":
         args.append("--lock-image")
+    return measure(args, run_dir, impl, setting, repeat, order, steps, prof.batch_size, prof.skip)
+
+
+def measure(args: list[str], run_dir: Path, impl: str, setting: str, repeat: int, order: int, steps: int,
+            batch_size: int, skip: int) -> RunResult:
+    """Run one trainer command line (logging every step) in run_dir and measure it: throughput
+    over steps skip+1..n by the driver's clock, CPU time, page faults, RSS, other load."""
     (run_dir / "cmd.txt").write_text(" ".join(repr(a) if a in ("", "\t") else a for a in args) + "\n")
 
     t0 = time.perf_counter()
@@ -374,18 +381,18 @@ def run_trainer(impl: str, python: Path, model_arg: str, setting: str, tsv: Path
             params = {"visual": int(m.group(1)), "text": int(m.group(2)), "total": int(m.group(3))}
             break
     intervals = [b - a for a, b in zip(step_times, step_times[1:])]
-    window = step_times[prof.skip - 1:]  # end of step `skip` .. end of the last step
+    window = step_times[skip - 1:]  # end of step `skip` .. end of the last step
     sps = sps_med = bt = cpu_step = sys_step = faults_step = other = None
     if rc == 0 and len(step_times) == steps and len(window) >= 2:
         measured = len(window) - 1
         span = window[-1] - window[0]
-        sps = prof.batch_size * measured / span
-        (u1, s1, f1), (u0, s0, f0) = step_cpu[-1], step_cpu[prof.skip - 1]
+        sps = batch_size * measured / span
+        (u1, s1, f1), (u0, s0, f0) = step_cpu[-1], step_cpu[skip - 1]
         cpu = (u1 - u0) + (s1 - s0)
         cpu_step, sys_step, faults_step = cpu / measured, (s1 - s0) / measured, (f1 - f0) / measured
-        other = max(0.0, (step_busy[-1] - step_busy[prof.skip - 1] - cpu) / span)
-        sps_med = prof.batch_size / statistics.median(intervals[prof.skip - 1:])
-        bt = statistics.median(batch_t[prof.skip:])
+        other = max(0.0, (step_busy[-1] - step_busy[skip - 1] - cpu) / span)
+        sps_med = batch_size / statistics.median(intervals[skip - 1:])
+        bt = statistics.median(batch_t[skip:])
     result = RunResult(
         impl=impl, setting=setting, repeat=repeat, order=order, steps=len(step_times), rc=rc, wall_s=round(wall, 2),
         startup_s=round(step_times[0] - t0, 2) if step_times else None,

@@ -243,14 +243,18 @@ def _objective(a: argparse.Namespace) -> ObjectiveCfg:
     teacher_weights = a.teacher_pretrained or a.distill_pretrained
     distill = None
     if a.distill or (a.distill_model and a.distill_pretrained):
+        if a.teacher_cache and a.no_teacher_share:
+            raise UserError("--no-teacher-share is for a live teacher; with --teacher-cache no teacher runs")
         try:
             distill = DistillCfg(teacher_model=teacher or "", teacher_pretrained=teacher_weights,
                                  weight=a.distill_weight, temperature=a.distill_temperature,
-                                 teacher_text_tokenizer=a.teacher_text_tokenizer)
+                                 teacher_cache=a.teacher_cache or None,
+                                 teacher_text_tokenizer=a.teacher_text_tokenizer, share=not a.no_teacher_share)
         except ValueError as e:
             raise UserError(f"--distill: {e}") from None
-    elif teacher or teacher_weights:
-        raise UserError("--teacher-model/--teacher-pretrained given without --distill")
+    elif teacher or teacher_weights or a.teacher_cache or a.no_teacher_share:
+        raise UserError("--teacher-model/--teacher-pretrained/--teacher-cache/--no-teacher-share given without "
+                        "--distill")
     headalign = None
     if a.headalign:
         try:

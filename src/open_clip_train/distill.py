@@ -39,8 +39,9 @@ class DistillCfg:
     teacher_pretrained: Optional[str] = None
     weight: float = 1.0
     temperature: float = 1.0
-    teacher_cache: Optional[str] = None
+    teacher_cache: Optional[str] = None  # a directory written by extract_teacher: no teacher is built
     teacher_text_tokenizer: Optional[str] = None  # HF tokenizer dir, only for a GPT-2 teacher
+    share: bool = True  # let a live teacher reuse the student's identical frozen parts (teacher.plan_sharing)
 
     def __post_init__(self) -> None:
         if not self.teacher_model:

@@ -1,4 +1,4 @@
-"""Run a teacher once over a COCO training set and store its embeddings (teacher_cache.py).
+"""Run a teacher once over a training set (COCO or CSV) and store its embeddings (teacher_cache.py).
 
     python -m open_clip_train.extract_teacher --teacher-model convnext_base_w \\
         --teacher-pretrained open_clip_pytorch_model.bin --dataset-type coco \\
@@ -7,16 +7,15 @@
 
 Images go through the teacher's un-augmented eval transform; each rank embeds every
 world_size-th image and caption, writes shard_{rank}.*, and rank 0 writes manifest.json after
-all ranks are done.
+all ranks are done. Rows are keyed by the ids the trainer's data carries (data.Captioned):
+COCO image / annotation ids; for CSV the image's first-appearance index and the caption's row.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -34,8 +33,9 @@ PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_b
 
 
 @dataclass
-class CocoSamples:
-    """Images (sorted by id) and their captions flattened image by image, sorted by annotation id."""
+class Samples:
+    """Images and their captions flattened image by image, in the training data's order, with
+    the ids the trainer's batches carry (ann_ids: the caption ids)."""
     image_ids: List[int]
     paths: List[str]
     ann_ids: List[int]
@@ -43,23 +43,20 @@ class CocoSamples:
     caption_image_ids: List[int]  # the image id of each caption
 
 
-def coco_samples(ann_file: str | Path, image_root: Optional[str | Path] = None) -> CocoSamples:
-    from .data.coco import load_coco_captions
+CocoSamples = Samples
 
-    coco = load_coco_captions(ann_file, image_root)  # validates; paths and captions in our order
-    data = json.loads(Path(ann_file).read_text(encoding="utf-8"))
-    by_image = defaultdict(list)
-    for ann in data["annotations"]:
-        by_image[ann["image_id"]].append(ann["id"])
-    ann_ids: List[int] = []
-    caption_image_ids: List[int] = []
-    for img_id, caps in zip(coco.image_ids, coco.captions):
-        ids = sorted(by_image[img_id])
-        assert len(ids) == len(caps), (img_id, len(ids), len(caps))
-        ann_ids.extend(int(i) for i in ids)
-        caption_image_ids.extend([int(img_id)] * len(ids))
-    return CocoSamples([int(i) for i in coco.image_ids], coco.paths, ann_ids,
-                       [c for cs in coco.captions for c in cs], caption_image_ids)
+
+def samples_of(data) -> Samples:
+    """A data.Captioned as flat Samples (the same ids as Captioned.pair_ids)."""
+    pairs = data.pair_ids()
+    return Samples([int(i) for i in data.image_ids], list(data.images), pairs[:, 1].tolist(),
+                   [c for cs in data.captions for c in cs], pairs[:, 0].tolist())
+
+
+def coco_samples(ann_file: str | Path, image_root: Optional[str | Path] = None) -> Samples:
+    from .data import load_captioned
+
+    return samples_of(load_captioned("coco", str(ann_file), image_root))
 
 
 def _embed_dims(teacher: Teacher) -> tuple[int, int]:
@@ -72,7 +69,7 @@ def _embed_dims(teacher: Teacher) -> tuple[int, int]:
 
 def run_shard(
         teacher: Teacher,
-        samples: CocoSamples,
+        samples: Samples,
         out_dir: str | Path,
         rank: int = 0,
         world_size: int = 1,
@@ -120,10 +117,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = _OneLineParser(prog="python -m open_clip_train.extract_teacher", description=__doc__.split("\n")[0])
     p.add_argument("--teacher-model", "--distill-model", required=True, help="Teacher model config name.")
     p.add_argument("--teacher-pretrained", "--distill-pretrained", required=True, help="Teacher weights file.")
-    p.add_argument("--dataset-type", default="coco", choices=["coco"], help="Training set format.")
-    p.add_argument("--train-data", required=True, help="COCO captions json (captions_train2017.json).")
+    p.add_argument("--dataset-type", default="auto", choices=["auto", "coco", "csv"],
+                   help="Training set format (auto: .json -> coco, .csv/.tsv -> csv).")
+    p.add_argument("--train-data", required=True, help="COCO captions json (captions_train2017.json) or CSV/TSV.")
     p.add_argument("--train-image-root", default=None,
-                   help="Image folder (default: ROOT/<split>/ for ROOT/annotations/captions_<split>.json).")
+                   help="Image folder (COCO default: ROOT/<split>/ for ROOT/annotations/captions_<split>.json; "
+                        "CSV: relative paths as written).")
+    p.add_argument("--csv-separator", default="\t", help="CSV/TSV column separator (as the trainer's).")
+    p.add_argument("--csv-img-key", default="filepath", help="CSV image path column (as the trainer's).")
+    p.add_argument("--csv-caption-key", default="title", help="CSV caption column (as the trainer's).")
     p.add_argument("--out", required=True, help="Cache directory to write.")
     p.add_argument("--batch-size", type=int, default=64, help="Images / captions per teacher forward.")
     p.add_argument("--workers", type=int, default=4, help="Image decoding workers per rank.")
@@ -158,18 +160,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (out / MANIFEST).unlink()  # until the new one is complete, the directory is no cache
         teacher = Teacher.from_pretrained(args.teacher_model, args.teacher_pretrained, device=device,
                                           precision=args.precision, text_tokenizer=args.text_tokenizer)
-        samples = coco_samples(args.train_data, args.train_image_root)
+        from .data import load_captioned, resolve_dataset_type
+
+        kind = resolve_dataset_type(args.dataset_type, args.train_data)
+        samples = samples_of(load_captioned(kind, args.train_data, args.train_image_root,
+                                            csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+                                            csv_separator=args.csv_separator))
         run_shard(teacher, samples, out, world.rank, world.world_size,
                   batch_size=args.batch_size, workers=args.workers, dtype=args.dtype)
         dist_env.barrier()
         if world.is_master:
             from .data.coco import default_image_root
+            image_root = args.train_image_root or (default_image_root(args.train_data) if kind == "coco" else None)
             meta = manifest_meta(
                 teacher_model=args.teacher_model, weights_path=args.teacher_pretrained,
                 logit_scale=float(teacher.logit_scale()), precision=args.precision,
-                annotations=args.train_data,
-                image_root=args.train_image_root or default_image_root(args.train_data),
-                preprocess_cfg=teacher.preprocess_cfg, dataset_type=args.dataset_type,
+                annotations=args.train_data, image_root=image_root,
+                preprocess_cfg=teacher.preprocess_cfg, dataset_type=kind,
+                columns=[args.csv_img_key, args.csv_caption_key] if kind == "csv" else None,
             )
             manifest = write_manifest(out, meta, world.world_size)
             logging.info(f"teacher cache {out}: {manifest['counts']['images']} images, "

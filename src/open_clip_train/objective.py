@@ -4,10 +4,13 @@
 * `--distill`: `{"contrastive_loss", "distill_loss"}` against a frozen teacher that is fed the
   student's batch (as upstream does) and reuses the student's trunk / text features where they
   are provably the same computation (teacher.plan_sharing), until the student unlocks that part;
+  or, with `--teacher-cache`, against the teacher's embeddings read by the batch's sample ids
+  (teacher_cache.CachedTeacher; no teacher model is built);
 * `--headalign`: adds `{"headalign_loss"}`: the new head aligned to the checkpoint's own frozen
   head on the same trunk features (no teacher).
 
-The trainer only calls `terms`, `cache_micro` / `terms_cached` (for --accum-freq) and `on_unlock`.
+The trainer only calls `terms`, `cache_micro` / `terms_cached` (for --accum-freq) and `on_unlock`;
+each takes the batch's sample ids (`ids`, None unless `needs_ids`).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ class Objective:
     def __init__(self, cfg: ObjectiveCfg, model: torch.nn.Module, world: World, device: torch.device,
                  student_tokenizer: Callable):
         self.cfg = cfg
-        self.runner = None
+        self.runner = None  # the teacher source: TeacherRunner (live) or CachedTeacher
         self.pair: Optional[TokenizerPair] = None
         self.capture: Optional[TrunkCapture] = None
         self.reference = None
@@ -55,16 +58,43 @@ class Objective:
         if self.runner is not None and self.sharing is not None and self.sharing.is_shared("image_trunk"):
             self.capture = self.capture or TrunkCapture(model)
 
+    @property
+    def needs_ids(self) -> bool:
+        """Whether batches must carry sample ids (a cached teacher looks its rows up by them)."""
+        return self.cfg.distill is not None and bool(self.cfg.distill.teacher_cache)
+
     # ------------------------------------------------------------------ build
+    def _distill_loss(self, cfg, world) -> DistillLoss:
+        d = cfg.distill
+        return DistillLoss(d.weight, d.temperature, local_loss=cfg.loss.local_loss,
+                           gather_with_grad=cfg.loss.gather_with_grad, rank=world.rank, world_size=world.world_size)
+
+    def _build_cached_teacher(self, cfg, model, world, device) -> None:
+        """The teacher's embeddings come from the cache: no teacher model, no teacher tokens.
+        The manifest was checked against this run in trainer.check_config."""
+        from .teacher import preprocess_difference
+        from .teacher_cache import CachedTeacher, TeacherCache, preprocess_fields
+
+        try:
+            cache = TeacherCache(cfg.distill.teacher_cache)
+        except ValueError as e:
+            raise UserError(f"--teacher-cache: {e}") from None
+        logging.info(cache.describe())
+        diff = preprocess_difference(preprocess_fields(model.visual.preprocess_cfg), cache.manifest["preprocess"])
+        if diff is not None:  # fine for a cache (the teacher had its own view), but worth knowing
+            logging.info(f"teacher cache: the teacher's image view differs from the student's ({diff})")
+        self.runner = CachedTeacher(cache, device)
+        self.loss = self._distill_loss(cfg, world)
+
     def _build_teacher(self, cfg, model, world, device, student_tokenizer) -> None:
-        from .teacher import Teacher, TeacherRunner, plan_sharing, preprocess_difference
+        from .teacher import SharingPlan, Teacher, TeacherRunner, plan_sharing, preprocess_difference
 
         d = cfg.distill
-        if d.teacher_cache:
-            raise UserError("--teacher-cache is not wired into the trainer yet; use a live teacher "
-                            "(--teacher-model/--teacher-pretrained)")
         if cfg.loss.siglip:
             raise UserError("--distill with --siglip is not supported (the distill loss is CLIP's softmax form)")
+        if d.teacher_cache:
+            self._build_cached_teacher(cfg, model, world, device)
+            return
         try:
             teacher = Teacher.from_pretrained(d.teacher_model, d.teacher_pretrained, device=device,
                                               precision=cfg.precision, text_tokenizer=d.teacher_text_tokenizer)
@@ -77,15 +107,17 @@ class Objective:
         self.pair = TokenizerPair(student_tokenizer, teacher.tokenizer)
         if not self.pair.same:
             self.tokenizer = self.pair.joint  # the batch carries both token streams
-        # The teacher is fed the student's image tensor, so only the weights decide sharing.
-        self.sharing = plan_sharing(model, teacher, student_preprocess_is_augmented=False,
-                                    same_text_tokens=self.pair.same, teacher_gets_student_batch=True)
+        if d.share:
+            # The teacher is fed the student's image tensor, so only the weights decide sharing.
+            self.sharing = plan_sharing(model, teacher, student_preprocess_is_augmented=False,
+                                        same_text_tokens=self.pair.same, teacher_gets_student_batch=True)
+        else:
+            self.sharing = SharingPlan({p: False for p in ("image_trunk", "text")},
+                                       {p: "sharing switched off (--no-teacher-share)" for p in ("image_trunk", "text")})
         for line in self.sharing.lines():
             logging.info(line)
         self.runner = TeacherRunner(teacher, self.sharing)
-        self.loss = DistillLoss(d.weight, d.temperature, local_loss=cfg.loss.local_loss,
-                                gather_with_grad=cfg.loss.gather_with_grad, rank=world.rank,
-                                world_size=world.world_size)
+        self.loss = self._distill_loss(cfg, world)
 
     def _build_headalign(self, cfg, model) -> None:
         if not cfg.pretrained:
@@ -107,15 +139,15 @@ class Objective:
             return tokens, tokens
         return self.pair.split(tokens)
 
-    def _teacher(self, images, t_tok, out, feats):
-        return self.runner(images, t_tok, out, feats)
+    def _teacher(self, images, t_tok, out, feats, ids):
+        return self.runner(images, t_tok, out, feats, ids=ids)
 
-    def terms(self, net, images: torch.Tensor, tokens: torch.Tensor) -> Terms:
+    def terms(self, net, images: torch.Tensor, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> Terms:
         s_tok, t_tok = self._split(tokens)
         out = net(images, s_tok)
         feats = self.capture.pop() if self.capture is not None else None
         if self.runner is not None:
-            terms = self.loss(out, self._teacher(images, t_tok, out, feats))
+            terms = self.loss(out, self._teacher(images, t_tok, out, feats, ids))
         else:
             terms = self.loss(out)
         if self.headalign is not None:
@@ -123,14 +155,14 @@ class Objective:
         return terms
 
     @torch.no_grad()
-    def cache_micro(self, net, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+    def cache_micro(self, net, images: torch.Tensor, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> dict:
         """No-grad pass of gradient-cache accumulation: everything the grad pass reuses."""
         s_tok, t_tok = self._split(tokens)
         out = net(images, s_tok)
         feats = self.capture.pop() if self.capture is not None else None
         entry = {k: out[k] for k in ("image_features", "text_features")}
         if self.runner is not None:
-            entry["teacher"] = self._teacher(images, t_tok, out, feats)
+            entry["teacher"] = self._teacher(images, t_tok, out, feats, ids)
         if self.headalign is not None:
             entry["reference"] = self.reference(feats)
         return entry

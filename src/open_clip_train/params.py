@@ -498,6 +498,12 @@ def _add_distillation(p: argparse.ArgumentParser) -> None:
                    help="Teacher weights, a local open_clip checkpoint (alias of --distill-pretrained).")
     g.add_argument("--teacher-text-tokenizer", default=None,
                    help="Local HF tokenizer dir for a GPT2 teacher.")
+    g.add_argument("--teacher-cache", default=None,
+                   help="Teacher embeddings written by `python -m open_clip_train.extract_teacher`: train "
+                        "without running (or building) the teacher; its manifest must match this run.")
+    g.add_argument("--no-teacher-share", default=False, action="store_true",
+                   help="A live teacher always runs its whole forward, also where it could reuse the "
+                        "student's identical frozen trunk / text tower.")
     g.add_argument("--distill-weight", type=float, default=1.0, help="Weight of the distillation KL term.")
     g.add_argument("--distill-temperature", type=float, default=1.0, help="Temperature of the distillation KL.")
     g.add_argument("--headalign", default=False, action="store_true",

@@ -451,6 +451,8 @@ class TeacherRunner:
             texts: Optional[torch.Tensor],
             student_out: Optional[Outputs] = None,
             trunk_features: Optional[torch.Tensor] = None,
+            *,
+            ids: Optional[torch.Tensor] = None,  # sample ids: only a cached teacher needs them
     ) -> Dict[str, torch.Tensor]:
         plan = self.plan
         use_trunk = plan is not None and trunk_features is not None and plan.active("image_trunk")

@@ -4,9 +4,9 @@ Layout of a cache directory:
 
     manifest.json                 what was computed, from what (written last: no manifest = unfinished)
     shard_{r}.image.npy           [n_r, D_image] embeddings (normalised), memory-mapped when read
-    shard_{r}.image_ids.npy       [n_r] int64 COCO image ids of those rows
+    shard_{r}.image_ids.npy       [n_r] int64 image ids of those rows (COCO image ids; CSV image index)
     shard_{r}.text.npy            [m_r, D_text]
-    shard_{r}.ann_ids.npy         [m_r] int64 COCO annotation (caption) ids
+    shard_{r}.ann_ids.npy         [m_r] int64 caption ids (COCO annotation ids; CSV row numbers)
 
 One shard per extraction rank; a reader merges them by id. The manifest records the teacher
 (model name, sha256 of its weights file, logit scale), the dataset (annotation file path and
@@ -16,6 +16,9 @@ what a run expects field by field.
 The cached teacher saw each image once, un-augmented (its eval transform): with random
 training augmentation the student sees another crop than the one the teacher embedded
 (`augmentation_notice`).
+
+Training reads it through `CachedTeacher`, a teacher source with TeacherRunner's call signature
+that looks the batch's (image id, caption id) rows up instead of running a model.
 """
 from __future__ import annotations
 
@@ -158,9 +161,11 @@ def manifest_meta(
         image_root: Optional[str | Path],
         preprocess_cfg: Mapping[str, Any],
         dataset_type: str = "coco",
+        columns: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
-    """The manifest's provenance sections for an extraction."""
-    return {
+    """The manifest's provenance sections for an extraction (`columns`: a CSV's image and
+    caption columns, which decide what its rows mean)."""
+    meta = {
         "teacher": {
             "model": teacher_model,
             "weights": str(Path(weights_path).resolve()) if weights_path else None,
@@ -176,6 +181,9 @@ def manifest_meta(
         },
         "preprocess": preprocess_fields(preprocess_cfg),
     }
+    if columns is not None:
+        meta["dataset"]["columns"] = list(columns)
+    return meta
 
 
 def expected_fields(
@@ -184,11 +192,15 @@ def expected_fields(
         teacher_pretrained: Optional[str] = None,
         annotations: Optional[str | Path] = None,
         preprocess_cfg: Optional[Mapping[str, Any]] = None,
+        dataset_type: Optional[str] = None,
+        columns: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """What a training run expects of a cache, for TeacherCache.check; fields left None are not
     checked. With teacher_model and no preprocess_cfg, the teacher's preprocessing comes from its
     config (built on the meta device: no weights, no memory)."""
     out: Dict[str, Any] = {}
+    if dataset_type:
+        out["dataset.type"] = dataset_type
     if teacher_model:
         out["teacher.model"] = teacher_model
         if preprocess_cfg is None:
@@ -198,6 +210,8 @@ def expected_fields(
         out["teacher.weights_sha256"] = file_sha256(teacher_pretrained)
     if annotations:
         out["dataset.annotations_sha256"] = file_sha256(annotations)
+    if columns is not None:
+        out["dataset.columns"] = list(columns)
     if preprocess_cfg is not None:
         out.update({f"preprocess.{k}": v for k, v in preprocess_fields(preprocess_cfg).items()})
     return out
@@ -320,6 +334,21 @@ class TeacherCache:
                     f"{_short(want)} for this run; re-run python -m open_clip_train.extract_teacher"
                 )
 
+    def check_covers(self, pair_ids, what: str = "the training set") -> None:
+        """Raise ValueError (one line) when any (image id, caption id) row of `pair_ids` ([P, 2])
+        is not in the cache: how many images and captions, and a few of their ids."""
+        ids = np.asarray(pair_ids.cpu() if isinstance(pair_ids, torch.Tensor) else pair_ids, np.int64).reshape(-1, 2)
+        gaps = []
+        for col, kind, noun in ((0, "image", "images"), (1, "text", "captions")):
+            unique = np.unique(ids[:, col])
+            missing = unique[~self.index[kind].find(unique)[0]]
+            if missing.size:
+                examples = ", ".join(str(int(i)) for i in missing[:3]) + (", ..." if missing.size > 3 else "")
+                gaps.append(f"{missing.size} of {unique.size} {noun} (ids {examples})")
+        if gaps:
+            raise ValueError(f"teacher cache {self.directory}: {' and '.join(gaps)} of {what} are not in the cache; "
+                             "re-run python -m open_clip_train.extract_teacher on this training set")
+
     # ------------------------------------------------------------------ lookup
     def _rows(self, kind: str, query: np.ndarray, found: np.ndarray, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
         dim = self.dims[0 if kind == "image" else 1]
@@ -355,3 +384,22 @@ class TeacherCache:
             "text_features": texts.to(device, non_blocking=True),
             "logit_scale": torch.tensor(self.logit_scale, device=device),
         }
+
+
+class CachedTeacher:
+    """A teacher source for the objective: `source(images, texts, student_out, trunk_features,
+    ids=ids)` (TeacherRunner's signature) returns the cached outputs of the batch's sample ids
+    ([N, 2] (image id, caption id), the training data's `with_ids`); images and texts are not
+    looked at. Each call reads only the rows of that batch from the memory-mapped shards."""
+
+    def __init__(self, cache: TeacherCache, device: str | torch.device = "cpu"):
+        self.cache, self.device = cache, torch.device(device)
+        self.rows_read = 0
+
+    def __call__(self, images=None, texts=None, student_out=None, trunk_features=None, *,
+                 ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if ids is None:
+            raise ValueError("a cached teacher needs the batch's sample ids (training data built with_ids)")
+        ids = ids.reshape(-1, 2)
+        self.rows_read += int(ids.shape[0])
+        return self.cache.teacher_outputs(ids[:, 0], ids[:, 1], device=self.device)

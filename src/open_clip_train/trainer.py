@@ -39,6 +39,7 @@ from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, fo
 from .losses import total
 from .objective import Objective
 from .preempt import StopRequest, signal_name
+from .teacher_cache import augmentation_notice
 from .models import create_model, get_preprocess, get_tokenizer
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
@@ -90,6 +91,9 @@ def check_config(cfg: RunCfg) -> None:
                 raise UserError(f"{flag} {path}: no such file or directory")
         with _quiet(), user_errors(f"--teacher-model {obj.distill.teacher_model}"):
             create_model(obj.distill.teacher_model, device="meta")
+        if obj.distill.teacher_cache:
+            with _quiet():
+                _check_teacher_cache(cfg)
     if obj.headalign is not None and not m.pretrained:
         raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
     resume = cfg.output.resume
@@ -101,6 +105,32 @@ def check_config(cfg: RunCfg) -> None:
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer)
         build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+
+
+def _check_teacher_cache(cfg: RunCfg) -> None:
+    """--teacher-cache against this run, before any weights or images are read: the manifest's
+    teacher (model, weights hash when --teacher-pretrained is given, its preprocessing), dataset
+    (type, annotation file hash, CSV columns) and, from the training set's ids, that every sample
+    has its rows."""
+    from .data import resolve_dataset_type, train_captioned
+    from .teacher_cache import TeacherCache, expected_fields
+
+    d, data = cfg.objective.distill, cfg.data
+    try:
+        cache = TeacherCache(d.teacher_cache)
+        expected = expected_fields(teacher_model=d.teacher_model, teacher_pretrained=d.teacher_pretrained)
+        if data.train_data or data.dataset_type == "synthetic":
+            kind = resolve_dataset_type(data.dataset_type, data.train_data or "")
+            if kind not in ("coco", "csv"):
+                raise UserError(f"--teacher-cache needs coco or csv training data (samples keyed by stable ids), "
+                                f"not {kind}")
+            expected.update(expected_fields(dataset_type=kind, annotations=data.train_data,
+                                            columns=[data.csv_img_key, data.csv_caption_key] if kind == "csv" else None))
+        cache.check(expected)
+        if data.train_data:
+            cache.check_covers(train_captioned(data).pair_ids(), f"--train-data {data.train_data}")
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"--teacher-cache: {e}") from None
 
 
 @contextmanager
@@ -187,10 +217,14 @@ class Trainer:
             install_frozen_eval(self.model)
 
         self.objective = Objective(cfg.objective, self.model, world, device, self.tokenizer)
+        notice = augmentation_notice(not cfg.train.no_augment) if self.objective.needs_ids else None
+        if notice:
+            logging.warning(notice)
         preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
         preprocess_val = get_preprocess(self.model, is_train=False)
         with user_errors("data"):
-            self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank, world.world_size)
+            self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank,
+                                 world.world_size, with_ids=self.objective.needs_ids)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
         steps_per_epoch = self.train_data.num_batches // cfg.train.accum_freq if self.train_data else 0
@@ -501,8 +535,9 @@ class Trainer:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         dtype = input_dtype(cfg.model.precision)
-        moved = [(im.to(self.device, dtype=dtype, non_blocking=True), tx.to(self.device, non_blocking=True))
-                 for im, tx in batches]
+        # (images, tokens[, ids]): sample ids stay on the CPU, where a teacher cache is read
+        moved = [(b[0].to(self.device, dtype=dtype, non_blocking=True), b[1].to(self.device, non_blocking=True),
+                  b[2] if len(b) > 2 else None) for b in batches]
         if len(moved) == 1:
             terms = self._forward_backward(*moved[0])
         else:
@@ -531,9 +566,9 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def _forward_backward(self, images, texts) -> Dict[str, torch.Tensor]:
+    def _forward_backward(self, images, texts, ids) -> Dict[str, torch.Tensor]:
         with autocast(self.cfg.model.precision, self.device):
-            terms = self.objective.terms(self.net, images, texts)
+            terms = self.objective.terms(self.net, images, texts, ids)
             loss = total(terms)
         self._backward(loss)
         return {k: v.detach() for k, v in terms.items()}
@@ -543,9 +578,9 @@ class Trainer:
         micro-batch again with grad against the cached rest, so the loss sees the full batch."""
         precision = self.cfg.model.precision
         with torch.no_grad(), autocast(precision, self.device):
-            cached = [self.objective.cache_micro(self.net, images, texts) for images, texts in moved]
+            cached = [self.objective.cache_micro(self.net, images, texts, ids) for images, texts, ids in moved]
         terms_sum: Dict[str, torch.Tensor] = {}
-        for j, (images, texts) in enumerate(moved):
+        for j, (images, texts, _) in enumerate(moved):
             sync = j == len(moved) - 1 or self.ddp is None
             ctx = self.ddp.no_sync() if not sync else nullcontext()
             with ctx:

@@ -4,7 +4,8 @@ Sources (COCO captions json, CSV/TSV, webdataset shards, synthetic) are parsed b
 own modules into images with their captions; this module turns those into
 
 * training: a DataInfo whose loader yields (images, tokens) batches, map-style sources
-  sampled by GlobalBatchSampler (world-size invariant, resumable mid-epoch);
+  sampled by GlobalBatchSampler (world-size invariant, resumable mid-epoch); with
+  `with_ids` (a teacher cache) (images, tokens, ids), ids [N, 2] = (image id, caption id);
 * evaluation: a RetrievalData of unique images and all their captions, so an image's
   other captions are never treated as negatives.
 """
@@ -22,12 +23,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .coco import load_coco_captions
-from .csv_data import load_csv_captions
+from .csv_data import load_csv_rows
 from .sampler import GlobalBatchSampler, SharedEpoch, contiguous_shard, sample_seed, seeded_rng
 from .wds import build_train as build_wds_train
 from .wds import load_eval as load_wds_eval
 
-__all__ = ["DataCfg", "DataInfo", "RetrievalData", "get_data", "load_rgb", "GlobalBatchSampler"]
+__all__ = ["Captioned", "DataCfg", "DataInfo", "RetrievalData", "get_data", "load_captioned", "load_rgb",
+           "GlobalBatchSampler"]
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 ImageSource = str | bytes  # a file path, or encoded image bytes (webdataset evaluation)
@@ -119,29 +121,58 @@ def _pin_memory() -> bool:
     return torch.cuda.is_available()
 
 
+@dataclass
+class Captioned:
+    """Images with their captions and the stable ids a teacher cache is keyed by.
+
+    COCO: the image id and annotation id from the json. CSV/TSV: the image's index in
+    first-appearance order and the caption's data row number. Both depend on the file alone
+    (not on the world size, the sampler or the epoch)."""
+
+    images: list[str]
+    captions: list[list[str]]
+    image_ids: list[int]
+    caption_ids: list[list[int]]
+
+    def pair_ids(self) -> torch.Tensor:
+        """[P, 2] int64 (image id, caption id) of every pair, flattened image by image
+        (PairDataset's item order)."""
+        counts = torch.tensor([len(c) for c in self.captions], dtype=torch.long)
+        image = torch.repeat_interleave(torch.tensor(self.image_ids, dtype=torch.long), counts)
+        caption = torch.tensor([i for ids in self.caption_ids for i in ids], dtype=torch.long)
+        return torch.stack([image, caption], dim=1)
+
+
 class PairDataset(Dataset):
-    """Every (image, caption) pair, flattened image by image: item i -> (image, tokens).
+    """Every (image, caption) pair, flattened image by image: item i -> (image, tokens), or
+    (image, tokens, ids) when `pair_ids` ([P, 2], see Captioned.pair_ids) is given.
 
     Augmentation is seeded from (seed, epoch, i): reproducible for any world size or
     worker count. `offsets` delimit each image's pairs, for one-caption-per-image epochs.
     """
 
     def __init__(self, images: Sequence[ImageSource], captions: list[list[str]], transform: Callable,
-                 tokenizer: Tokenizer, seed: int, epoch: SharedEpoch) -> None:
+                 tokenizer: Tokenizer, seed: int, epoch: SharedEpoch, pair_ids: torch.Tensor | None = None) -> None:
         counts = torch.tensor([len(c) for c in captions], dtype=torch.long)
         self.images = images
         self.captions = [c for cs in captions for c in cs]
         self.pair_image = torch.repeat_interleave(torch.arange(len(images)), counts)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         self.transform, self.tokenizer, self.seed, self.epoch = transform, tokenizer, seed, epoch
+        if pair_ids is not None and pair_ids.shape != (len(self.captions), 2):
+            raise ValueError(f"pair_ids has shape {tuple(pair_ids.shape)}, expected ({len(self.captions)}, 2)")
+        self.pair_ids = pair_ids
 
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         with seeded_rng(sample_seed(self.seed, self.epoch.get(), i)):
             image = self.transform(load_rgb(self.images[int(self.pair_image[i])]))
-        return image, self.tokenizer([self.captions[i]])[0]
+        tokens = self.tokenizer([self.captions[i]])[0]
+        if self.pair_ids is None:
+            return image, tokens
+        return image, tokens, self.pair_ids[i]
 
 
 class ImageDataset(Dataset):
@@ -213,6 +244,11 @@ class RetrievalData:
         return contiguous_shard(len(self.texts), rank, world_size)
 
 
+def resolve_dataset_type(dataset_type: str, path: str) -> str:
+    """'auto' -> the type a path's suffix names (.json coco, .csv/.tsv csv, .tar webdataset)."""
+    return _resolve_type(dataset_type, path)
+
+
 def _resolve_type(dataset_type: str, path: str) -> str:
     if dataset_type != "auto":
         return dataset_type
@@ -223,14 +259,30 @@ def _resolve_type(dataset_type: str, path: str) -> str:
     return kinds[suffix]
 
 
-def _load_captioned(kind: str, path: str, image_root: str | None,
-                    cfg: DataCfg) -> tuple[list[str], list[list[str]]]:
+def load_captioned(kind: str, path: str, image_root: str | None = None, *, csv_img_key: str = "filepath",
+                   csv_caption_key: str = "title", csv_separator: str = "\t") -> Captioned:
+    """A COCO captions json or a CSV/TSV file (kind 'coco' / 'csv', or 'auto' by suffix)."""
+    kind = _resolve_type(kind, path)
     if kind == "coco":
         coco = load_coco_captions(path, image_root)
-        return coco.paths, coco.captions
+        return Captioned(coco.paths, coco.captions, coco.image_ids, coco.ann_ids)
     if kind == "csv":
-        return load_csv_captions(path, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator, image_root)
+        images, captions, rows = load_csv_rows(path, csv_img_key, csv_caption_key, csv_separator, image_root)
+        return Captioned(images, captions, list(range(len(images))), rows)
     raise ValueError(f"dataset type {kind!r} has no image/caption file")
+
+
+def train_captioned(cfg: DataCfg) -> Captioned:
+    """The training set of `cfg` (COCO or CSV) with its ids; what a teacher cache must cover."""
+    return load_captioned(cfg.dataset_type, cfg.train_data or "", cfg.train_image_root, csv_img_key=cfg.csv_img_key,
+                          csv_caption_key=cfg.csv_caption_key, csv_separator=cfg.csv_separator)
+
+
+def _load_captioned(kind: str, path: str, image_root: str | None,
+                    cfg: DataCfg) -> tuple[list[str], list[list[str]]]:
+    c = load_captioned(kind, path, image_root, csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
+                       csv_separator=cfg.csv_separator)
+    return c.images, c.captions
 
 
 def _map_train(dataset: Dataset, cfg: DataCfg, rank: int, world_size: int, epoch: SharedEpoch,
@@ -255,9 +307,12 @@ def _map_train(dataset: Dataset, cfg: DataCfg, rank: int, world_size: int, epoch
     return DataInfo(loader, sampler, sampler.num_batches * global_batch, sampler.num_batches)
 
 
-def _train(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer, rank: int, world_size: int) -> DataInfo:
+def _train(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer, rank: int, world_size: int,
+           with_ids: bool = False) -> DataInfo:
     kind = _resolve_type(cfg.dataset_type, cfg.train_data or "")
     epoch = SharedEpoch()
+    if with_ids and kind not in ("coco", "csv"):
+        raise ValueError(f"per-sample ids (a teacher cache) need coco or csv training data, not {kind}")
     if kind == "synthetic":
         if cfg.train_num_samples is None:
             raise ValueError("synthetic training data needs train_num_samples")
@@ -272,8 +327,9 @@ def _train(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer, rank: int, w
         )
         return DataInfo(streamed.loader, None, streamed.num_samples, streamed.num_batches,
                         streamed.shared_epoch)
-    images, captions = _load_captioned(kind, cfg.train_data, cfg.train_image_root, cfg)
-    dataset = PairDataset(images, captions, transform, tokenizer, cfg.seed, epoch)
+    data = train_captioned(cfg)
+    dataset = PairDataset(data.images, data.captions, transform, tokenizer, cfg.seed, epoch,
+                          pair_ids=data.pair_ids() if with_ids else None)
     groups = dataset.offsets if cfg.coco_caption_sampling == "random" else None
     return _map_train(dataset, cfg, rank, world_size, epoch, groups)
 
@@ -296,11 +352,12 @@ def _val(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer) -> RetrievalDa
 
 
 def get_data(cfg: DataCfg, preprocess_train: Callable, preprocess_val: Callable, tokenizer: Tokenizer,
-             rank: int = 0, world_size: int = 1) -> dict:
-    """{'train': DataInfo} if there is training data, {'val': RetrievalData} if val_data."""
+             rank: int = 0, world_size: int = 1, *, with_ids: bool = False) -> dict:
+    """{'train': DataInfo} if there is training data, {'val': RetrievalData} if val_data.
+    with_ids: training batches also carry each sample's (image id, caption id) (Captioned)."""
     data: dict = {}
     if cfg.train_data or cfg.dataset_type == "synthetic":
-        data["train"] = _train(cfg, preprocess_train, tokenizer, rank, world_size)
+        data["train"] = _train(cfg, preprocess_train, tokenizer, rank, world_size, with_ids)
     if cfg.val_data:
         data["val"] = _val(cfg, preprocess_val, tokenizer)
     return data

@@ -5,7 +5,7 @@ import contextlib
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class CocoCaptions:
     image_ids: list[int]
     paths: list[str]
     captions: list[list[str]]
+    ann_ids: list[list[int]] = field(default_factory=list)  # annotation id of each caption
 
 
 def default_image_root(ann_file: str | Path) -> Path:
@@ -75,11 +76,12 @@ def load_coco_captions(ann_file: str | Path, image_root: str | Path | None = Non
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
 
-    out = CocoCaptions([], [], [])
+    out = CocoCaptions([], [], [], [])
     for img_id in sorted(coco.imgs):
         anns = sorted(coco.imgToAnns.get(img_id, []), key=lambda a: a["id"])
         if anns:
             out.image_ids.append(img_id)
             out.paths.append(str(root / coco.imgs[img_id]["file_name"]))
             out.captions.append([a["caption"].strip() for a in anns])
+            out.ann_ids.append([int(a["id"]) for a in anns])
     return out
