@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional
 
-from .errors import UserError
+from .errors import RunFailure, UserError
 from .params import parse_args
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the trainer; returns the exit code (0 ok, 2 user error; --help returns 0)."""
+    """Run the trainer; returns the exit code (0 ok, 2 user error, 3 run failure such as a
+    non-finite loss; --help returns 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)  # prints its own one-line error
@@ -42,6 +43,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
+    except RunFailure as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 @contextmanager
