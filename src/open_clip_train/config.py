@@ -257,4 +257,5 @@ def _objective(a: argparse.Namespace) -> ObjectiveCfg:
         except ValueError as e:
             raise UserError(f"--headalign: {e}") from None
     return ObjectiveCfg(loss=loss, distill=distill, headalign=headalign,
-                        pretrained=a.pretrained or None, precision=a.precision)
+                        pretrained=a.pretrained or None, precision=a.precision,
+                        trust_checkpoint=a.trust_checkpoint)

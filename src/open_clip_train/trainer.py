@@ -35,6 +35,7 @@ from .losses import total
 from .numerics import NonFiniteGuard, all_finite, is_failure
 from .objective import Objective
 from .models import create_model, get_preprocess, get_tokenizer
+from .models.weights import fit_problems, load_torch_file
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
 from .progress import ProgressLine
@@ -84,7 +85,10 @@ def check_config(cfg: RunCfg) -> None:
             if path and not Path(path).exists():
                 raise UserError(f"{flag} {path}: no such file or directory")
         with _quiet(), user_errors(f"--teacher-model {obj.distill.teacher_model}"):
-            create_model(obj.distill.teacher_model, device="meta")
+            teacher, _ = create_model(obj.distill.teacher_model, device="meta")
+        if obj.distill.teacher_pretrained:
+            _check_fits("--teacher-pretrained", obj.distill.teacher_pretrained, teacher, cfg.trust_checkpoint,
+                        unexpected_ok=True)
     if obj.headalign is not None and not m.pretrained:
         raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
     resume = cfg.output.resume
@@ -96,6 +100,28 @@ def check_config(cfg: RunCfg) -> None:
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer)
         build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+    if resume is not None and resume != "latest":
+        _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
+    if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
+        with user_errors("--pretrained"):  # loading is tolerant of other architectures; unpickling is not
+            load_torch_file(m.pretrained, cfg.trust_checkpoint, mmap=True)
+
+
+def _check_fits(flag: str, path: str, skeleton: torch.nn.Module, trust: bool, unexpected_ok: bool = False) -> None:
+    """A checkpoint of another architecture (or one that needs unpickling) is refused before any
+    data or weights are read: memory-mapped, only its keys and shapes are looked at."""
+    if str(path).endswith(".safetensors"):
+        return
+    with user_errors(flag):
+        state = load_torch_file(path, trust, mmap=True)
+    sd = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"{flag} {path}: not a checkpoint (no state_dict)")
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    problems = [p for p in fit_problems(sd, skeleton.state_dict()) if not (unexpected_ok and p.startswith("unexpected"))]
+    if problems:
+        arch = f" (saved from model {state['model']!r})" if isinstance(state.get("model"), str) else ""
+        raise UserError(f"{flag} {path}{arch} does not fit this model: {'; '.join(problems)}")
 
 
 @contextmanager
@@ -168,6 +194,7 @@ class Trainer:
                 pretrained_text_path=cfg.model.pretrained_text_path,
                 precision=cfg.model.precision,
                 device=device,
+                trust_checkpoint=cfg.trust_checkpoint,
             )
             self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
         if report is not None:
@@ -237,7 +264,7 @@ class Trainer:
         """Continue from a checkpoint of this run's schedule: weights, the trainable set and param
         groups by name as they were in the checkpoint's last epoch (later unlocks follow on
         schedule in `enter_epoch`), optimizer and scaler state, step, RNG."""
-        state = ckpt.load(path)
+        state = ckpt.load(path, trust=self.cfg.trust_checkpoint)
         sd = ckpt.strip_module_prefix(state.get("state_dict", state))
         missing, unexpected = self.model.load_state_dict(sd, strict=False)
         if missing or unexpected:

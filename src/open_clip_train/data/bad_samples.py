@@ -75,8 +75,23 @@ def decode_rgb(source: str | bytes | Path) -> Image.Image:
     except (PermissionError, IsADirectoryError) as e:
         raise BadImage(UNREADABLE, str(e)) from None
     except Exception as e:  # noqa: BLE001 - whatever a decoder raises on this file is the file's fault
-        reason = TRUNCATED if "truncated" in str(e) else UNDECODABLE
+        reason = TRUNCATED if "truncated" in str(e).lower() or _cut_short(source) else UNDECODABLE
         raise BadImage(reason, f"{type(e).__name__}: {e}") from None
+
+
+def _cut_short(source: str | bytes | Path) -> bool:
+    """A JPEG without its end-of-image marker or a PNG without IEND: the file was cut off
+    (PIL's own message for that varies with where the cut falls)."""
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError:
+        return False
+    tail = data.rstrip(b"\0")[-12:]
+    if data.startswith(b"\xff\xd8"):
+        return not tail.endswith(b"\xff\xd9")
+    if data.startswith(b"\x89PNG"):
+        return b"IEND" not in tail
+    return False
 
 
 class Batch(tuple):

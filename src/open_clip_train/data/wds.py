@@ -200,8 +200,13 @@ def build_train(
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed + rank),
+        collate_fn=_as_is,  # batch_size=None would convert our Batch into a plain list
     )
     return WdsTrain(loader, num_batches * batch_size * world_size, num_batches, epoch)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
 
 
 def load_eval(spec: str, max_images: int | None = None
