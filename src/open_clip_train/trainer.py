@@ -155,11 +155,13 @@ class _Meter:
     steps: int = 0
     data_time: float = 0.0
     losses: Dict[str, float] = field(default_factory=dict)
+    loss_steps: int = 0  # steps whose losses are in `losses` (a skipped non-finite step's are not)
 
     def add(self, samples: int, terms: Dict[str, float], data_time: float) -> None:
         self.samples += samples
         self.steps += 1
         self.data_time += data_time
+        self.loss_steps += bool(terms)
         for k, v in terms.items():
             self.losses[k] = self.losses.get(k, 0.0) + v
 
@@ -413,8 +415,8 @@ class Trainer:
                 batches = []
                 self.step += 1
                 steps_done += 1
-                if self.nonfinite.skipped == skipped_before:  # a skipped step's NaNs stay out of the means
-                    meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time)
+                skipped = self.nonfinite.skipped > skipped_before  # its NaNs stay out of the logged means
+                meter.add(cfg.train.batch_size * accum * self.world.world_size, {} if skipped else terms, data_time)
                 last = steps_done == self.steps_per_epoch
                 if steps_done % cfg.train.log_every_n_steps == 0 or last:
                     self._log_progress(epoch, steps_done, meter, epoch_t0)
@@ -564,7 +566,7 @@ class Trainer:
         # global batch's loss, so the logged value does not depend on how the batch is split.
         names = list(meter.losses)
         means = dist_env.all_reduce_mean(
-            torch.tensor([meter.losses[k] / meter.steps for k in names], dtype=torch.float64, device=self.device))
+            torch.tensor([meter.losses[k] / meter.loss_steps for k in names], dtype=torch.float64, device=self.device))
         mean_loss = dict(zip(names, means.tolist()))
         losses = " ".join(f"{k.capitalize()}: {v:#.5g}" for k, v in mean_loss.items())
         lrs = " ".join(f"{g['name']}={g['lr']:.3e}" for g in self.optimizer.param_groups)
