@@ -106,8 +106,8 @@ def test_coco_val_retrieval_data(demo):
     assert val.texts.shape == (30, CTX) and val.texts.dtype == torch.long
     assert torch.equal(val.text_to_image, torch.arange(6).repeat_interleave(5))
     assert val.captions == [c for caps in coco.captions for c in caps] == decode(val.texts)
-    image, index = val.images[4]
-    assert index == 4 and torch.equal(image, PLAIN(Image.open(coco.paths[4]).convert("RGB")))
+    image, index, bad = val.images[4]
+    assert index == 4 and bad == () and torch.equal(image, PLAIN(Image.open(coco.paths[4]).convert("RGB")))
 
     for world_size in (1, 4):  # 6 images over 4 ranks: blocks of 1, 2, 1, 2
         seen, texts = [], []
@@ -386,7 +386,7 @@ def test_webdataset_val_regroups_pairs_into_images(demo, shards):
     coco = load_coco_captions(demo.train_annotations)
     assert len(val.images) == 20 and val.texts.shape == (100, CTX)
     for i in range(20):
-        image, index = val.images[i]
+        image, index, _ = val.images[i]
         j = next(j for j, p in enumerate(coco.paths) if torch.equal(image, PLAIN(load_rgb(p))))
         mine = [c for c, owner in zip(val.captions, val.text_to_image.tolist()) if owner == i]
         assert index == i and sorted(mine) == sorted(coco.captions[j])

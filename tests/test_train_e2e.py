@@ -5,6 +5,7 @@ The main run (module fixture, ~30 s on 2 cores) trains tiny-convnext-cliptext fo
 10 steps with the image tower locked for epoch 0 and unlocked at epoch 1. Its validation set is
 the 32 training images, so that a few dozen steps are enough to show learning well above chance.
 """
+import argparse
 import json
 import re
 from pathlib import Path
@@ -237,7 +238,8 @@ def _case(*extra, model=MODEL, train=True):
 
 
 USER_ERRORS = {
-    "unknown model": (_case(model="tiny-convnext-cliptxt"), "unknown model 'tiny-convnext-cliptxt'"),
+    "unknown model": (_case(model="tiny-convnext-cliptxt"),
+                      "unknown model 'tiny-convnext-cliptxt'. Did you mean: tiny-convnext-cliptext"),
     "unknown model, dry run": (_case("--dry-run", model="tiny-convnext-cliptxt"), "Did you mean: tiny-convnext-cliptext"),
     "unlock without lock": (_case("--unfreeze-image-at-epoch", 1), "the image tower is not locked"),
     "lock pattern matches nothing": (_case("--lock-pattern", r"^nothing\."), "matches no parameter"),
@@ -250,6 +252,18 @@ USER_ERRORS = {
     "no data at all": (_case(train=False, model=MODEL) | {"no_val": True}, "nothing to do"),
     "bad batch size": (_case("--batch-size", 0), "batch_size >= 1"),
     "bad flag value": (_case("--epochs", "three"), "invalid int value"),
+    "missing pretrained": (_case("--pretrained", "/nonexistent/w.pt"), "--pretrained /nonexistent/w.pt: no such file"),
+    "missing teacher": (_case("--distill", "--teacher-model", MODEL, "--teacher-pretrained", "/nonexistent/t.pt"),
+                        "--teacher-pretrained /nonexistent/t.pt: no such file"),
+    "teacher without --distill": (_case("--teacher-model", MODEL), "given without --distill"),
+    "headalign without pretrained": (_case("--headalign"), "--headalign needs --pretrained"),
+    "bad fraction": (_case("--max-bad-samples-fraction", 2), "must be a fraction in [0, 1]"),
+    "resume from another architecture": (_case("--resume", "{other_arch}"),
+                                         "(saved from model 'tiny-convnext-cliptext-linear') does not fit this model: "
+                                         "missing visual.head.pool."),
+    "teacher of another architecture": (_case("--distill", "--teacher-model", MODEL, "--teacher-pretrained",
+                                              "{other_arch}"), "does not fit this model: missing visual.head.pool."),
+    "pickled checkpoint": (_case("--resume", "{pickled}"), "holds pickled objects"),
     "unknown flag": (_case("--lock-imagex"), "did you mean --lock-image"),
 }
 
@@ -272,7 +286,12 @@ def test_user_errors_are_one_line_and_exit_2(case, demo, tmp_path, monkeypatch, 
     if spec.get("no_val"):
         i = argv.index("--val-data")
         del argv[i:i + 2]
-    argv += spec["extra"]  # later flags win over run_args' defaults
+    files = {"other_arch": tmp_path / "other.pt", "pickled": tmp_path / "pickled.pt"}
+    if any("{" in x for x in spec["extra"]):
+        other, _ = create_model("tiny-convnext-cliptext-linear", device="cpu")
+        torch.save({"state_dict": other.state_dict(), "model": "tiny-convnext-cliptext-linear"}, files["other_arch"])
+        torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1.0)}, files["pickled"])
+    argv += [x.format(**files) for x in spec["extra"]]  # later flags win over run_args' defaults
     capfd.readouterr()
     assert main(argv) == 2
     out, err = capfd.readouterr()

@@ -83,6 +83,7 @@ class TrainCfg:
     seed: int = 0
     log_every_n_steps: int = 100
     no_augment: bool = False
+    skip_nonfinite_steps: int = 0  # optimizer steps with a non-finite loss/gradient skipped before stopping
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class RunCfg:
                 csv_img_key=a.csv_img_key,
                 csv_caption_key=a.csv_caption_key,
                 dataset_resampled=a.dataset_resampled,
+                max_bad_samples_fraction=a.max_bad_samples_fraction,
             ),
             train=TrainCfg(
                 epochs=a.epochs,
@@ -205,6 +207,7 @@ class RunCfg:
                 seed=a.seed,
                 log_every_n_steps=a.log_every_n_steps,
                 no_augment=a.no_augment,
+                skip_nonfinite_steps=a.skip_nonfinite_steps,
             ),
             optim=OptimCfg(name=a.opt, lr=a.lr, beta1=a.beta1, beta2=a.beta2, eps=a.eps, weight_decay=a.wd,
                            momentum=0.9 if getattr(a, "momentum", None) is None else a.momentum),
@@ -262,4 +265,5 @@ def _objective(a: argparse.Namespace) -> ObjectiveCfg:
         except ValueError as e:
             raise UserError(f"--headalign: {e}") from None
     return ObjectiveCfg(loss=loss, distill=distill, headalign=headalign,
-                        pretrained=a.pretrained or None, precision=a.precision)
+                        pretrained=a.pretrained or None, precision=a.precision,
+                        trust_checkpoint=a.trust_checkpoint)

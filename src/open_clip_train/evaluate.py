@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist_env
-from .data import RetrievalData
+from .data import BadTally, RetrievalData
 from .data.sampler import contiguous_shard
 from .distributed import World
 from .precision import autocast, input_dtype
@@ -22,15 +22,24 @@ from .retrieval import ClipValLoss, i2t_ranks, pairwise_metrics, summarize_ranks
 
 
 @torch.no_grad()
-def encode_all(model, data: RetrievalData, world: World, device, precision: str, batch_size: int, workers: int):
-    """(image_features [N, D], text_features [T, D]) normalised, in dataset order, on every rank."""
+def encode_all(model, data: RetrievalData, world: World, device, precision: str, batch_size: int, workers: int,
+               bad: BadTally | None = None):
+    """(image_features [N, D], text_features [T, D], usable [N] bool) normalised, in dataset
+    order, on every rank; `usable` is False for images that could not be decoded, which this
+    rank's ones are also added to `bad`."""
     dtype = input_dtype(precision)
     image_chunks, text_chunks = [], []
     loader = data.image_loader(world.rank, world.world_size, batch_size, workers)
+    shard = contiguous_shard(len(data.images), world.rank, world.world_size)
+    usable = torch.ones(shard.stop - shard.start, dtype=torch.bool)
     with autocast(precision, device):
-        for images, _ in loader:
-            images = images.to(device=device, dtype=dtype, non_blocking=True)
+        for batch in loader:
+            images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
             image_chunks.append(F.normalize(model.encode_image(images).float(), dim=-1))
+            for b in getattr(batch, "bad", ()):
+                usable[b.index - shard.start] = False
+            if bad is not None:
+                bad.add(getattr(batch, "bad", ()))
         shard = data.text_shard(world.rank, world.world_size)
         texts = data.texts[shard]
         for i in range(0, texts.shape[0], batch_size):
@@ -39,7 +48,17 @@ def encode_all(model, data: RetrievalData, world: World, device, precision: str,
     dim = model.logit_scale.new_empty(0)  # device/dtype anchor for empty shards
     img = torch.cat(image_chunks) if image_chunks else dim.new_zeros((0, _embed_dim(model, data, device)))
     txt = torch.cat(text_chunks) if text_chunks else dim.new_zeros((0, img.shape[1]))
-    return dist_env.all_gather_rows(img.float()), dist_env.all_gather_rows(txt.float())
+    usable = dist_env.all_gather_rows(usable.to(device=img.device, dtype=torch.float32)) > 0.5
+    return dist_env.all_gather_rows(img.float()), dist_env.all_gather_rows(txt.float()), usable
+
+
+def drop_unusable(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, usable: torch.Tensor):
+    """Leave out the images that could not be decoded, and their captions (renumbered)."""
+    if bool(usable.all()):
+        return img, txt, t2i
+    new_index = torch.cumsum(usable.long(), 0) - 1
+    keep_txt = usable[t2i]
+    return img[usable], txt[keep_txt], new_index[t2i[keep_txt]]
 
 
 def _embed_dim(model, data, device) -> int:
@@ -49,14 +68,19 @@ def _embed_dim(model, data, device) -> int:
 
 @torch.no_grad()
 def evaluate_retrieval(model, data: RetrievalData, world: World, device, precision: str,
-                       batch_size: int, workers: int, chunk_size: int) -> Dict[str, float]:
+                       batch_size: int, workers: int, chunk_size: int, bad: BadTally | None = None) -> Dict[str, float]:
+    """Metrics over the images that decode (bad ones, with their captions, are left out and
+    reported as `num_bad_images`; this rank's are added to `bad`)."""
     was_training = model.training
     model.eval()
     try:
-        img, txt = encode_all(model, data, world, device, precision, batch_size, workers)
+        img, txt, usable = encode_all(model, data, world, device, precision, batch_size, workers, bad)
     finally:
         model.train(was_training)
-    t2i = data.text_to_image.to(img.device)
+    num_bad = int((~usable).sum())
+    if num_bad == len(usable):
+        raise ValueError(f"none of the {len(usable)} evaluation images could be decoded")
+    img, txt, t2i = drop_unusable(img, txt, data.text_to_image.to(img.device), usable)
     rows_i = contiguous_shard(img.shape[0], world.rank, world.world_size)
     rows_t = contiguous_shard(txt.shape[0], world.rank, world.world_size)
     r_i2t = dist_env.all_gather_rows(i2t_ranks(img, txt, t2i, rows=rows_i, chunk_size=chunk_size))
@@ -73,5 +97,6 @@ def evaluate_retrieval(model, data: RetrievalData, world: World, device, precisi
         val_loss.update(pair_img[i : i + batch_size], txt[i : i + batch_size], logit_scale)
     metrics["clip_val_loss"] = val_loss.compute()
     metrics["num_images"] = int(img.shape[0])
+    metrics["num_bad_images"] = num_bad
     metrics["num_captions"] = int(txt.shape[0])
     return metrics

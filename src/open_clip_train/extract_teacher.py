@@ -80,7 +80,8 @@ def run_shard(
         log_every: int = 50,
 ) -> None:
     """Embed this rank's share (every world_size-th image and caption) and write shard_{rank}.*."""
-    from .data import ImageDataset
+    from .data import BadTally, ImageDataset
+    from .data.bad_samples import collate
 
     img_sel = list(range(rank, len(samples.paths), world_size))
     txt_sel = list(range(rank, len(samples.captions), world_size))
@@ -89,10 +90,13 @@ def run_shard(
 
     dataset = ImageDataset([samples.paths[i] for i in img_sel], teacher.preprocess())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), collate_fn=collate)
+    bad = BadTally()
     ids = np.asarray([samples.image_ids[i] for i in img_sel], dtype=np.int64)
     t0 = time.perf_counter()
-    for step, (images, local) in enumerate(loader):
+    for step, batch in enumerate(loader):
+        images, local = batch
+        bad.add(batch.bad)  # embedded as black stand-ins: the cache keeps one row per image
         writer.add_images(ids[local.numpy()], teacher.encode_image(images))
         if log_every and (step + 1) % log_every == 0:
             done = writer.filled["image"]
@@ -104,6 +108,8 @@ def run_shard(
         tokens = teacher.tokenizer(captions[start:start + batch_size])
         writer.add_texts(ann_ids[start:start + batch_size], teacher.encode_text(tokens))
     writer.finish()
+    if bad.total:
+        logging.warning(f"rank {rank}: {bad.describe(of=len(img_sel))} (cached as black images)")
     logging.info(f"rank {rank}: wrote {len(img_sel)} images, {len(txt_sel)} captions "
                  f"in {time.perf_counter() - t0:.0f}s")
 

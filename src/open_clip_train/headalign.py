@@ -72,7 +72,7 @@ class ReferenceHead(nn.Module):
             return F.normalize(x, dim=-1)
 
 
-def read_head_state(path: str | Path) -> Dict[str, torch.Tensor]:
+def read_head_state(path: str | Path, trust: bool = False) -> Dict[str, torch.Tensor]:
     """Only the image-head tensors (visual.head.*, visual.trunk.head.*) of a checkpoint file,
     read lazily (safetensors / mmap) where the format allows."""
     path = str(path)
@@ -86,10 +86,9 @@ def read_head_state(path: str | Path) -> Dict[str, torch.Tensor]:
         with safe_open(path, framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        from .models.weights import load_torch_file
+
+        state = load_torch_file(path, trust, mmap=True)  # weights-only unless trusted
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         state = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor) and wanted(k)}

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional
 
-from .errors import UserError
+from .errors import RunFailure, UserError
 from .params import parse_args
 
 if TYPE_CHECKING:
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the trainer; returns the exit code (0 ok, 2 user error, 75 stopped by a signal with a
-    checkpoint to resume; --help returns 0)."""
+    """Run the trainer; returns the exit code (0 ok, 2 user error, 3 run failure such as a
+    non-finite loss, 75 stopped by a signal with a checkpoint to resume; --help returns 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)  # prints its own one-line error
@@ -44,6 +44,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
+    except RunFailure as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 @contextmanager

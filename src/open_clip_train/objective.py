@@ -36,6 +36,7 @@ class ObjectiveCfg:
     headalign: Optional[HeadAlignCfg] = None
     pretrained: Optional[str] = None  # the student's checkpoint: the reference head comes from it
     precision: str = "fp32"
+    trust_checkpoint: bool = False  # teacher weights may need full unpickling (--trust-checkpoint)
 
 
 class Objective:
@@ -97,7 +98,8 @@ class Objective:
             return
         try:
             teacher = Teacher.from_pretrained(d.teacher_model, d.teacher_pretrained, device=device,
-                                              precision=cfg.precision, text_tokenizer=d.teacher_text_tokenizer)
+                                              precision=cfg.precision, text_tokenizer=d.teacher_text_tokenizer,
+                                              trust_checkpoint=cfg.trust_checkpoint)
         except ValueError as e:
             raise UserError(f"--teacher-model {d.teacher_model}: {e}") from None
         diff = preprocess_difference(model.visual.preprocess_cfg, teacher.preprocess_cfg)
@@ -123,7 +125,7 @@ class Objective:
         if not cfg.pretrained:
             raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
         try:
-            self.reference = build_reference_head(model, read_head_state(cfg.pretrained))
+            self.reference = build_reference_head(model, read_head_state(cfg.pretrained, cfg.trust_checkpoint))
         except ValueError as e:
             raise UserError(f"--headalign: {e}") from None
         self.headalign = HeadAlignLoss(cfg.headalign.weight, cfg.headalign.mode)

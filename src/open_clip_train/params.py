@@ -69,6 +69,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text!r}")
+    return value
+
+
 def _regex(text: str) -> str:
     """A parameter-name regex (matched with re.search). Kept as a string."""
     if not text:
@@ -232,6 +239,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-augment", default=False, action="store_true",
         help="Use the evaluation transform for training (no random augmentation).")
+    g.add_argument(
+        "--max-bad-samples-fraction", type=_fraction, default=0.01, metavar="F",
+        help="Bad samples (missing/empty/truncated/undecodable images, empty captions, broken shard "
+             "members) are replaced and counted; stop with an error once more than F of a training "
+             "epoch, or of the evaluation set, is bad.")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -523,6 +535,10 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         "--malloc-retain", default=True, action=argparse.BooleanOptionalAction,
         help="CPU training: keep freed host memory for reuse (glibc mmap/trim thresholds) instead of "
              "page-faulting it in again every step (default on; --no-malloc-retain keeps glibc's defaults).")
+    g.add_argument(
+        "--skip-nonfinite-steps", type=_int_at_least(0), default=0, metavar="K",
+        help="Skip up to K optimizer steps whose loss (or, without a grad scaler, gradient) is "
+             "non-finite; by default the first one stops the run (exit code 3).")
     g.add_argument(
         "--trust-checkpoint", default=False, action="store_true",
         help="Allow checkpoints/weights that need full unpickling (only for files you trust).")

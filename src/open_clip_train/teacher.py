@@ -66,6 +66,7 @@ class Teacher(nn.Module):
             device: str | torch.device = "cpu",
             precision: str = "fp32",
             text_tokenizer: Optional[str] = None,
+            trust_checkpoint: bool = False,
     ) -> "Teacher":
         """Build `name` and load `pretrained` (a local file); every teacher weight must load."""
         from .models import create_model, get_tokenizer
@@ -73,7 +74,8 @@ class Teacher(nn.Module):
         if not pretrained:
             raise ValueError(
                 f"teacher {name!r} needs its weights (--teacher-pretrained PATH): a random teacher teaches nothing")
-        model, report = create_model(name, pretrained=pretrained, precision=precision, device=device)
+        model, report = create_model(name, pretrained=pretrained, precision=precision, device=device,
+                                     trust_checkpoint=trust_checkpoint)
         if report.missing or report.mismatched:
             lines = report.summary_lines()
             raise ValueError(

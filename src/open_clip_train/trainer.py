@@ -30,17 +30,20 @@ from . import checkpoint as ckpt
 from . import distributed as dist_env
 from . import faults
 from .config import RunCfg
-from .data import DataInfo, RetrievalData, get_data
+from .data import BadTally, DataInfo, RetrievalData, get_data
+from .data.bad_samples import bad_of
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
 from .frozen_compile import FrozenTrunkCompiler
 from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
+from .numerics import NonFiniteGuard, all_finite, is_failure
 from .objective import Objective
 from .preempt import StopRequest, signal_name
 from .teacher_cache import augmentation_notice
 from .models import create_model, get_preprocess, get_tokenizer
+from .models.weights import fit_problems, load_torch_file
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
 from .progress import ProgressLine
@@ -90,7 +93,10 @@ def check_config(cfg: RunCfg) -> None:
             if path and not Path(path).exists():
                 raise UserError(f"{flag} {path}: no such file or directory")
         with _quiet(), user_errors(f"--teacher-model {obj.distill.teacher_model}"):
-            create_model(obj.distill.teacher_model, device="meta")
+            teacher, _ = create_model(obj.distill.teacher_model, device="meta")
+        if obj.distill.teacher_pretrained:
+            _check_fits("--teacher-pretrained", obj.distill.teacher_pretrained, teacher, cfg.trust_checkpoint,
+                        unexpected_ok=True)
         if obj.distill.teacher_cache:
             with _quiet():
                 _check_teacher_cache(cfg)
@@ -105,6 +111,28 @@ def check_config(cfg: RunCfg) -> None:
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer)
         build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+    if resume is not None and resume != "latest":
+        _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
+    if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
+        with user_errors("--pretrained"):  # loading is tolerant of other architectures; unpickling is not
+            load_torch_file(m.pretrained, cfg.trust_checkpoint, mmap=True)
+
+
+def _check_fits(flag: str, path: str, skeleton: torch.nn.Module, trust: bool, unexpected_ok: bool = False) -> None:
+    """A checkpoint of another architecture (or one that needs unpickling) is refused before any
+    data or weights are read: memory-mapped, only its keys and shapes are looked at."""
+    if str(path).endswith(".safetensors"):
+        return
+    with user_errors(flag):
+        state = load_torch_file(path, trust, mmap=True)
+    sd = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"{flag} {path}: not a checkpoint (no state_dict)")
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    problems = [p for p in fit_problems(sd, skeleton.state_dict()) if not (unexpected_ok and p.startswith("unexpected"))]
+    if problems:
+        arch = f" (saved from model {state['model']!r})" if isinstance(state.get("model"), str) else ""
+        raise UserError(f"{flag} {path}{arch} does not fit this model: {'; '.join(problems)}")
 
 
 def _check_teacher_cache(cfg: RunCfg) -> None:
@@ -164,11 +192,13 @@ class _Meter:
     steps: int = 0
     data_time: float = 0.0
     losses: Dict[str, float] = field(default_factory=dict)
+    loss_steps: int = 0  # steps whose losses are in `losses` (a skipped non-finite step's are not)
 
     def add(self, samples: int, terms: Dict[str, float], data_time: float) -> None:
         self.samples += samples
         self.steps += 1
         self.data_time += data_time
+        self.loss_steps += bool(terms)
         for k, v in terms.items():
             self.losses[k] = self.losses.get(k, 0.0) + v
 
@@ -187,6 +217,10 @@ class Trainer:
         self.ddp: Optional[torch.nn.Module] = None
         self.verify_grads = True  # cheap frozen-gets-no-grad check on the first step after a change
         self.reporters: Optional[Reporters] = None
+        self.nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite_steps)
+        self.epoch_bad = BadTally()  # this rank's bad samples in the current epoch
+        self.epoch_bad_total = 0  # all ranks' count, summed step by step
+        self.where = ""  # "epoch E, batch b/n", for messages
 
     # ---------------------------------------------------------------- build
     @classmethod
@@ -203,6 +237,7 @@ class Trainer:
                 pretrained_text_path=cfg.model.pretrained_text_path,
                 precision=cfg.model.precision,
                 device=device,
+                trust_checkpoint=cfg.trust_checkpoint,
             )
             self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
         if report is not None:
@@ -282,7 +317,7 @@ class Trainer:
         groups by name as they were in the checkpoint's last epoch (later unlocks follow on
         schedule in `enter_epoch`), optimizer and scaler state, step, RNG and, for a mid-epoch
         checkpoint, the position in the epoch."""
-        state = ckpt.load(path)
+        state = ckpt.load(path, trust=self.cfg.trust_checkpoint)
         sd = ckpt.strip_module_prefix(state.get("state_dict", state))
         missing, unexpected = self.model.load_state_dict(sd, strict=False)
         if missing or unexpected:
@@ -460,6 +495,7 @@ class Trainer:
         batches: List = []
         t_data = time.perf_counter()
         steps_done = start
+        self.epoch_bad, self.epoch_bad_total = BadTally(), 0
         # a refreshing status line on an interactive rank 0 only; the log lines are unchanged
         with ProgressLine(self.steps_per_epoch, epoch, cfg.train.epochs, enabled=self.world.is_master) as progress:
             for i, batch in enumerate(data.batches(), start=start * accum):
@@ -470,12 +506,15 @@ class Trainer:
                     continue
                 data_time = time.perf_counter() - t_data
                 self._set_lr(self.step)
+                self.where = f"epoch {epoch}, step {steps_done + 1} of {self.steps_per_epoch}"
+                skipped_before = self.nonfinite.skipped
                 terms = self.train_step(batches)
                 batches = []
                 self.step += 1
                 self.compiler.after_step(self.model, self.step)
                 steps_done += 1
-                meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time)
+                skipped = self.nonfinite.skipped > skipped_before  # its NaNs stay out of the logged means
+                meter.add(cfg.train.batch_size * accum * self.world.world_size, {} if skipped else terms, data_time)
                 last = steps_done == self.steps_per_epoch
                 if steps_done % cfg.train.log_every_n_steps == 0 or last:
                     self._log_progress(epoch, steps_done, steps_done - start, meter, epoch_t0)
@@ -484,6 +523,9 @@ class Trainer:
                 if self._step_boundary(epoch, steps_done):
                     return True
                 t_data = time.perf_counter()
+        tally = self._bad_over_ranks()
+        logging.info(f"data, epoch {epoch}: {tally.describe(of=steps_done * accum * cfg.train.batch_size * self.world.world_size)}"
+                     + (" (each replaced by a substitute sample)" if tally.total else ""))
         return False
 
     def _step_boundary(self, epoch: int, steps_done: int) -> bool:
@@ -524,6 +566,25 @@ class Trainer:
             h.flush()
         dist_env.barrier()
 
+    def _bad_over_ranks(self) -> BadTally:
+        parts = dist_env.all_gather_object(self.epoch_bad)
+        return parts[0].merge(parts[1:])
+
+    def _check_bad_data(self) -> None:
+        """As we go: stop once this epoch's bad samples exceed the allowed fraction of the whole
+        epoch (certain to be exceeded by its end), so a broken dataset wastes little time."""
+        limit = self.cfg.data.max_bad_samples_fraction * self.train_data.num_samples
+        if self.epoch_bad_total > limit:
+            tally = self._bad_over_ranks()
+            message = (f"bad training data: {tally.describe()} so far in {self.where.split(',')[0]}, more than "
+                       f"--max-bad-samples-fraction {self.cfg.data.max_bad_samples_fraction:g} of its "
+                       f"{self.train_data.num_samples} samples; fix or remove them, or raise the limit")
+            logging.error(message)
+            raise UserError(message)
+
+    def _last_good_checkpoint(self) -> Optional[Path]:
+        return ckpt.find_latest(self.paths.checkpoints) if self.paths is not None else None
+
     def _set_lr(self, step: int) -> None:
         """Every group's lr for optimizer step `step`: the schedule's base lr (constant --lr with
         --skip-scheduler) x the group's lr_scale x its unlock ramp."""
@@ -545,23 +606,58 @@ class Trainer:
         if self.verify_grads:
             self._check_grads()
             self.verify_grads = False
-        if self.scaler is not None:
-            if cfg.train.grad_clip_norm is not None:
+        grad_norm = None
+        if cfg.train.grad_clip_norm is not None:
+            if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-                self._clip()
-            self.scaler.step(self.optimizer)
+            grad_norm = self._clip()
+        bad = [x for batch in batches for x in bad_of(batch)]
+        self.epoch_bad.add(bad)
+        loss_bad, grads_bad = self._agree_on_step(terms, grad_norm, len(bad))
+        if is_failure(not loss_bad, not grads_bad, self.scaler is not None):
+            self._skip_step(terms, "loss" if loss_bad else "gradient", unscaled=grad_norm is not None)
+            return {k: float(v) for k, v in terms.items()}
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
             self.scaler.update()
         else:
-            if cfg.train.grad_clip_norm is not None:
-                self._clip()
             self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
         return {k: float(v) for k, v in terms.items()}
 
-    def _clip(self) -> None:
+    def _agree_on_step(self, terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor],
+                       bad_samples: int) -> tuple:
+        """(loss non-finite, gradients non-finite) on any rank, and the bad-data check, from one
+        all-reduce of [loss flag, gradient flag, this step's bad samples], so every rank takes
+        the same decisions. Gradients are only checked without a scaler (the scaler handles
+        them), through clipping's total norm when clipping is on, else one fused norm."""
+        loss_ok = all_finite(list(terms.values()))
+        if self.scaler is not None:
+            grads_ok = torch.tensor(True)
+        elif grad_norm is not None:
+            grads_ok = grad_norm.isfinite()
+        else:
+            grads_ok = all_finite([p.grad for g in self.optimizer.param_groups for p in g["params"]])
+        flags = torch.stack([(~loss_ok).float().cpu(), (~grads_ok).float().cpu(), torch.tensor(float(bad_samples))])
+        flags = dist_env.all_reduce_sum(flags.to(self.device)).cpu().tolist()
+        self.epoch_bad_total += int(flags[2])
+        self._check_bad_data()
+        return flags[0] > 0, flags[1] > 0
+
+    def _skip_step(self, terms: Dict[str, torch.Tensor], what: str, unscaled: bool) -> None:
+        """No update; or NonFiniteStop once more than --skip-nonfinite-steps steps were skipped."""
+        if self.scaler is not None:  # keep the scaler's bookkeeping whole: this step found inf
+            if not unscaled:
+                self.scaler.unscale_(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.failed(what, self.step, self.where, {k: float(v) for k, v in terms.items()},
+                              self._last_good_checkpoint())
+
+    def _clip(self) -> torch.Tensor:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm, norm_type=2.0)
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm, norm_type=2.0)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -610,7 +706,7 @@ class Trainer:
         # global batch's loss, so the logged value does not depend on how the batch is split.
         names = list(meter.losses)
         means = dist_env.all_reduce_mean(
-            torch.tensor([meter.losses[k] / meter.steps for k in names], dtype=torch.float64, device=self.device))
+            torch.tensor([meter.losses[k] / meter.loss_steps for k in names], dtype=torch.float64, device=self.device))
         mean_loss = dict(zip(names, means.tolist()))
         losses = " ".join(f"{k.capitalize()}: {v:#.5g}" for k, v in mean_loss.items())
         lrs = " ".join(f"{g['name']}={g['lr']:.3e}" for g in self.optimizer.param_groups)
@@ -621,7 +717,7 @@ class Trainer:
             f"Train Epoch: {epoch} [{n_done}/{n_total} ({100 * steps_done / total_steps:.0f}%)] step {self.step} "
             f"Data (t): {meter.data_time / meter.steps:.3f} Batch (t): {meter.elapsed() / meter.steps:.3f}, "
             f"{sps:#g}/s, {sps / self.world.world_size:#g}/s/gpu LR: {lrs} Logit Scale: {logit_scale:.3f} "
-            f"{losses} ETA: {eta}"
+            f"{losses} ETA: {eta}" + (f" Skipped non-finite: {self.nonfinite.skipped}" if self.nonfinite.skipped else "")
         )
         if self.reporters is not None and self.reporters.active:
             values = {f"train/{k}": v for k, v in mean_loss.items()}
@@ -633,9 +729,13 @@ class Trainer:
     # ---------------------------------------------------------------- eval
     def evaluate(self, epoch: int) -> Dict[str, float]:
         cfg = self.cfg
-        metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
-                                     cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size)
-        row = {"epoch": epoch, "num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images")}
+        bad = BadTally()
+        with user_errors("--val-data"):
+            metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
+                                         cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
+        self._report_bad_val(epoch, bad, metrics["num_images"] + metrics["num_bad_images"])
+        row = {"epoch": epoch, "num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images"),
+               "num_bad_images": metrics.pop("num_bad_images")}
         row.update(metrics)
         shown = " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
         logging.info(f"Eval Epoch: {epoch} {shown}")
@@ -644,6 +744,20 @@ class Trainer:
             if self.reporters is not None:
                 self.reporters.scalars({f"val/{k}": v for k, v in metrics.items()}, self.step)
         return row
+
+    def _report_bad_val(self, epoch: int, bad: BadTally, num_images: int) -> None:
+        """Bad evaluation images (left out of the metrics) and entries dropped at load: logged,
+        and a user error past --max-bad-samples-fraction of the evaluation set."""
+        parts = dist_env.all_gather_object(bad)
+        tally = self.val_data.dropped.merge(parts)
+        if not tally.total:
+            return
+        entries = num_images + self.val_data.dropped.total
+        logging.warning(f"Eval Epoch: {epoch} left out {tally.describe(of=entries)}")
+        limit = self.cfg.data.max_bad_samples_fraction
+        if tally.total > limit * entries:
+            raise UserError(f"bad evaluation data: {tally.describe(of=entries)}, more than "
+                            f"--max-bad-samples-fraction {limit:g}; fix or remove them, or raise the limit")
 
     def close(self) -> None:
         if self.reporters is not None:

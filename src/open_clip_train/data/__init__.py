@@ -11,9 +11,9 @@ own modules into images with their captions; this module turns those into
 """
 from __future__ import annotations
 
-import io
 import logging
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .bad_samples import EMPTY_CAPTION, BadImage, BadSample, BadTally, Batch, blank_like, collate, decode_rgb
 from .coco import load_coco_captions
 from .csv_data import load_csv_rows
 from .sampler import GlobalBatchSampler, SharedEpoch, contiguous_shard, sample_seed, seeded_rng
@@ -29,7 +30,7 @@ from .wds import build_train as build_wds_train
 from .wds import load_eval as load_wds_eval
 
 __all__ = ["Captioned", "DataCfg", "DataInfo", "RetrievalData", "get_data", "load_captioned", "load_rgb",
-           "GlobalBatchSampler"]
+           "GlobalBatchSampler", "Batch", "BadTally"]
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 ImageSource = str | bytes  # a file path, or encoded image bytes (webdataset evaluation)
@@ -55,6 +56,8 @@ class DataCfg:
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     dataset_resampled: bool = False  # webdataset: draw shards with replacement
+    max_bad_samples_fraction: float = 0.01  # stop when more of an epoch (or the val set) is bad
+
 
     def __post_init__(self) -> None:
         if self.dataset_type not in DATASET_TYPES:
@@ -67,6 +70,8 @@ class DataCfg:
             raise ValueError(f"need batch_size >= 1 and workers >= 0, got {self.batch_size}, {self.workers}")
         if self.dataset_type == "synthetic" and self.val_data:
             raise ValueError("synthetic data is for training only; unset val_data")
+        if not 0 <= self.max_bad_samples_fraction <= 1:
+            raise ValueError(f"max_bad_samples_fraction must be in [0, 1], got {self.max_bad_samples_fraction}")
         for name in ("train_num_samples", "val_num_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -106,11 +111,12 @@ class DataInfo:
 
 
 def load_rgb(source: ImageSource | Path) -> Image.Image:
-    """Decode any PIL-readable image (grayscale, CMYK, palette, alpha, ...) to RGB."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-        return image.convert("RGB")
+    """Decode any PIL-readable image (grayscale, CMYK, palette, alpha on white, ...) to RGB;
+    raises BadImage (with its reason) for a missing, empty, truncated or undecodable one."""
+    return decode_rgb(source)
+
+
+FALLBACK_TRIES = 8  # substitutes drawn for a bad sample before a black image stands in
 
 
 def _tokenize_all(tokenizer: Tokenizer, texts: list[str], chunk: int = 1024) -> torch.Tensor:
@@ -166,26 +172,59 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        with seeded_rng(sample_seed(self.seed, self.epoch.get(), i)):
-            image = self.transform(load_rgb(self.images[int(self.pair_image[i])]))
-        tokens = self.tokenizer([self.captions[i]])[0]
+    def _pair(self, j: int) -> tuple[Image.Image, str]:
+        source = self.images[int(self.pair_image[j])]
+        if not self.captions[j]:
+            raise BadImage(EMPTY_CAPTION)
+        return load_rgb(source), self.captions[j]
+
+    def __getitem__(self, i: int) -> tuple:
+        """(image, tokens[, ids], bad): item i, or for a bad one a substitute drawn from (seed,
+        epoch, i) alone, so every layout of ranks and workers substitutes the same; the bad one is
+        returned for counting. The ids are those of the pair actually returned (a teacher cache
+        must look up the substitute's embeddings)."""
+        seed = sample_seed(self.seed, self.epoch.get(), i)
+        bad, j, draw = (), i, random.Random(seed)
+        for _ in range(1 + FALLBACK_TRIES):
+            try:
+                image, caption = self._pair(j)
+                break
+            except BadImage as e:
+                if not bad:
+                    bad = (BadSample(e.reason, _name(self.images[int(self.pair_image[i])]), i),)
+                j = draw.randrange(len(self))
+        else:
+            image, caption = None, self.captions[i]
+        with seeded_rng(seed):
+            tensor = blank_like(self.transform, _transform_size(self.transform)) if image is None \
+                else self.transform(image)
+        tokens = self.tokenizer([caption])[0]
         if self.pair_ids is None:
-            return image, tokens
-        return image, tokens, self.pair_ids[i]
+            return tensor, tokens, bad
+        return tensor, tokens, self.pair_ids[j if image is not None else i], bad
+
+
+def _name(source: ImageSource, index: int = -1) -> str:
+    return f"image #{index} ({len(source)} bytes)" if isinstance(source, bytes) else str(source)
 
 
 class ImageDataset(Dataset):
-    """Unique evaluation images: item i -> (image, i)."""
+    """Unique evaluation images: item i -> (image, i, bad). A bad image is a black stand-in
+    with its BadSample in `bad`, so that evaluation can leave it out; `collate` batches them."""
 
-    def __init__(self, images: Sequence[ImageSource], transform: Callable) -> None:
-        self.images, self.transform = images, transform
+    def __init__(self, images: Sequence[ImageSource], transform: Callable,
+                 names: Sequence[str] | None = None) -> None:
+        self.images, self.transform, self.names = images, transform, names
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.images[i])), i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, tuple[BadSample, ...]]:
+        try:
+            return self.transform(load_rgb(self.images[i])), i, ()
+        except BadImage as e:
+            name = self.names[i] if self.names is not None else _name(self.images[i], i)
+            return blank_like(self.transform, _transform_size(self.transform)), i, (BadSample(e.reason, name, i),)
 
 
 class SyntheticDataset(Dataset):
@@ -207,7 +246,7 @@ class SyntheticDataset(Dataset):
         words = torch.randint(len(self.WORDS), (8,), generator=g).tolist()
         with seeded_rng(sample_seed(self.seed, self.epoch.get(), i)):
             image = self.transform(Image.fromarray(pixels.numpy()))
-        return image, self.tokenizer([" ".join(self.WORDS[w] for w in words)])[0]
+        return image, self.tokenizer([" ".join(self.WORDS[w] for w in words)])[0], ()
 
 
 def _transform_size(transform: Callable, default: int = 224) -> int:
@@ -227,6 +266,7 @@ class RetrievalData:
     texts: torch.Tensor  # [T, ctx] tokenised captions, grouped by image in image order
     text_to_image: torch.Tensor  # [T] image index of each caption
     captions: list[str]
+    dropped: BadTally = field(default_factory=BadTally)  # found while loading (empty captions, broken members)
 
     def image_loader(self, rank: int, world_size: int, batch_size: int, workers: int) -> DataLoader:
         """This rank's contiguous block of images, in order, yielding (images, image_indices)."""
@@ -237,6 +277,7 @@ class RetrievalData:
             shuffle=False,
             num_workers=workers,
             pin_memory=_pin_memory(),
+            collate_fn=collate,
         )
 
     def text_shard(self, rank: int, world_size: int) -> slice:
@@ -302,6 +343,7 @@ def _map_train(dataset: Dataset, cfg: DataCfg, rank: int, world_size: int, epoch
         persistent_workers=cfg.workers > 0,
         pin_memory=_pin_memory(),
         generator=torch.Generator().manual_seed(cfg.seed + rank),  # worker base seeds
+        collate_fn=collate,
     )
     global_batch = cfg.batch_size * world_size
     return DataInfo(loader, sampler, sampler.num_batches * global_batch, sampler.num_batches)
@@ -334,20 +376,42 @@ def _train(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer, rank: int, w
     return _map_train(dataset, cfg, rank, world_size, epoch, groups)
 
 
+def _drop_empty_captions(images: list, captions: list[list[str]], names: list[str] | None,
+                         dropped: BadTally) -> tuple[list, list[list[str]], list[str] | None]:
+    """Evaluation leaves empty captions out (and images left without any caption)."""
+    keep = []
+    for i, caps in enumerate(captions):
+        good = [c for c in caps if c]
+        name = names[i] if names is not None else _name(images[i], i)
+        dropped.add(BadSample(EMPTY_CAPTION, name, i) for _ in range(len(caps) - len(good)))
+        if good:
+            keep.append(i)
+        captions[i] = good
+    pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+    return pick(images), pick(captions), pick(names)
+
+
 def _val(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer) -> RetrievalData:
     kind = _resolve_type(cfg.dataset_type, cfg.val_data)
+    dropped = BadTally()
+    names = None
     if kind == "webdataset":
-        images, captions = load_wds_eval(cfg.val_data, cfg.val_num_samples)
+        images, captions, names, broken = load_wds_eval(cfg.val_data, cfg.val_num_samples)
+        dropped.add(broken)
     else:
         images, captions = _load_captioned(kind, cfg.val_data, cfg.val_image_root, cfg)
         images, captions = images[: cfg.val_num_samples], captions[: cfg.val_num_samples]
+    images, captions, names = _drop_empty_captions(images, captions, names, dropped)
+    if not images:
+        raise ValueError(f"{cfg.val_data}: no evaluation image has a non-empty caption")
     flat = [c for cs in captions for c in cs]
     counts = torch.tensor([len(cs) for cs in captions], dtype=torch.long)
     return RetrievalData(
-        images=ImageDataset(images, transform),
+        images=ImageDataset(images, transform, names),
         texts=_tokenize_all(tokenizer, flat),
         text_to_image=torch.repeat_interleave(torch.arange(len(images)), counts),
         captions=flat,
+        dropped=dropped,
     )
 
 

@@ -23,6 +23,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
+from .bad_samples import BROKEN_MEMBER, EMPTY_CAPTION, NO_CAPTION, NO_IMAGE, BadImage, BadSample, Batch, decode_rgb
 from .sampler import SharedEpoch, sample_seed, seeded_rng
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
@@ -86,8 +87,39 @@ def _train_shards(urls: list[str], seed: int, epoch: SharedEpoch, rank: int, wor
     return drawn if resampled else shuffled
 
 
-def _has_image_and_text(sample: dict) -> bool:
-    return "txt" in sample and any(ext in sample for ext in IMAGE_EXTS)
+def _sample_name(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+def _problem(sample: dict) -> str | None:
+    """Why a raw sample cannot be a pair (or None): no image member, no or an empty caption."""
+    if not any(ext in sample for ext in IMAGE_EXTS):
+        return NO_IMAGE
+    if "txt" not in sample:
+        return NO_CAPTION
+    try:
+        if not sample["txt"].decode("utf-8").strip():
+            return EMPTY_CAPTION
+    except UnicodeDecodeError:
+        return "undecodable caption"
+    return None
+
+
+class _Recorder:
+    """Collects this process's bad samples: webdataset's exception handler for broken tar
+    members (counted, then continue, as wds.warn_and_continue does), plus our own finds."""
+
+    def __init__(self) -> None:
+        self.found: list[BadSample] = []
+
+    def handler(self, exn: Exception) -> bool:
+        text = str(exn.args[0]) if getattr(exn, "args", None) else type(exn).__name__
+        self.found.append(BadSample(BROKEN_MEMBER, f"{type(exn).__name__}: {text}"[:200]))
+        return True
+
+    def drain(self) -> list[BadSample]:
+        out, self.found = self.found, []
+        return out
 
 
 def build_train(
@@ -123,21 +155,38 @@ def build_train(
         # webdataset's public shuffle stage fixes its rng at construction; we need one per epoch.
         return wds.filters._shuffle(src, _SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, rng)
 
-    def to_pair(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        key = zlib.crc32(f"{sample['__url__']}/{sample['__key__']}".encode())
-        with seeded_rng(sample_seed(seed, epoch.get(), key)):
-            image = transform(sample["image"])
-        return image, tokenizer([sample["text"]])[0]
+    recorder = _Recorder()  # one per worker process (each gets its own copy of the pipeline)
+
+    def to_pairs(src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode (our load_rgb, so modes convert as for files) and transform; a bad sample is
+        dropped from the stream (the next one takes its place) and recorded."""
+        for sample in src:
+            problem = _problem(sample)
+            if problem is None:
+                data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+                try:
+                    image = decode_rgb(data)
+                except BadImage as e:
+                    problem = e.reason
+            if problem is not None:
+                recorder.found.append(BadSample(problem, _sample_name(sample)))
+                continue
+            key = zlib.crc32(f"{sample['__url__']}/{sample['__key__']}".encode())
+            with seeded_rng(sample_seed(seed, epoch.get(), key)):
+                tensor = transform(image)
+            yield tensor, tokenizer([sample["txt"].decode("utf-8").strip()])[0]
+
+    def with_bad(src: Iterator) -> Iterator[Batch]:
+        for images, tokens in src:
+            yield Batch((images, tokens), recorder.drain())
 
     pipeline = wds.DataPipeline(
         _train_shards(urls, seed, epoch, rank, world_size, resampled),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=recorder.handler),
         shuffle_samples,
-        wds.select(_has_image_and_text),
-        wds.decode("pilrgb", handler=wds.warn_and_continue),
-        wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
-        wds.map(to_pair, handler=wds.warn_and_continue),
+        to_pairs,
         wds.batched(batch_size, partial=False),
+        with_bad,
     )
     # As upstream: round up to whole batches per worker, so every rank runs the same count.
     num_workers = max(1, workers)
@@ -151,22 +200,36 @@ def build_train(
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed + rank),
+        collate_fn=_as_is,  # batch_size=None would convert our Batch into a plain list
     )
     return WdsTrain(loader, num_batches * batch_size * world_size, num_batches, epoch)
 
 
-def load_eval(spec: str, max_images: int | None = None) -> tuple[list[bytes], list[list[str]]]:
-    """Encoded images with their captions, read in shard order.
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def load_eval(spec: str, max_images: int | None = None
+              ) -> tuple[list[bytes], list[list[str]], list[str], list[BadSample]]:
+    """Encoded images with their captions and names (url:key), read in shard order, and the
+    samples left out (broken tar members, no image, no or an empty caption).
 
     Samples whose image bytes are identical are one image (per-pair shards repeat an image
     once per caption), so its other captions are not negatives. max_images stops reading
-    at the first new image beyond the cap.
+    at the first new image beyond the cap. Images are decoded later (ImageDataset), where an
+    undecodable one is counted and left out of the metrics.
     """
     images: list[bytes] = []
     captions: list[list[str]] = []
+    names: list[str] = []
     index: dict[bytes, int] = {}
-    samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(spec)), wds.tarfile_to_samples())
-    for sample in filter(_has_image_and_text, samples):
+    recorder = _Recorder()
+    samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(spec)), wds.tarfile_to_samples(handler=recorder.handler))
+    for sample in samples:
+        problem = _problem(sample)
+        if problem is not None:
+            recorder.found.append(BadSample(problem, _sample_name(sample)))
+            continue
         data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
         caption = sample["txt"].decode("utf-8").strip()
         digest = hashlib.sha1(data).digest()
@@ -176,7 +239,8 @@ def load_eval(spec: str, max_images: int | None = None) -> tuple[list[bytes], li
             index[digest] = len(images)
             images.append(data)
             captions.append([])
+            names.append(_sample_name(sample))
         captions[index[digest]].append(caption)
     if not images:
         raise ValueError(f"{spec}: no samples with an image and a txt caption")
-    return images, captions
+    return images, captions, names, recorder.drain()

@@ -90,10 +90,11 @@ def _load_weights(
         pretrained_image: bool,
         pretrained_image_path: str | None,
         pretrained_text_path: str | None,
+        trust: bool = False,
 ) -> LoadReport:
     report = new_report(model)
     if pretrained:
-        load_into(model, read_state_dict(pretrained), report, pretrained)
+        load_into(model, read_state_dict(pretrained, trust), report, pretrained)
     # Tower weights go in after the full checkpoint so they win, as in open_clip.
     if pretrained_image or pretrained_image_path:
         if not pretrained_image_path:
@@ -101,7 +102,7 @@ def _load_weights(
                 "pretrained_image=True needs local trunk weights: the model hub is not reachable, "
                 "pass --pretrained-image-path (a timm .safetensors file)"
             )
-        load_into(model, read_state_dict(pretrained_image_path), report, pretrained_image_path, "visual.trunk.")
+        load_into(model, read_state_dict(pretrained_image_path, trust), report, pretrained_image_path, "visual.trunk.")
     if pretrained_text_path:
         if not gpt2:
             raise ValueError("pretrained_text_path is only supported for GPT-2 text towers, not CLIP text")
@@ -119,8 +120,10 @@ def create_model(
         precision: str = "fp32",
         device: str | torch.device = "cpu",
         cache_dir: str | None = None,
+        trust_checkpoint: bool = False,
 ) -> tuple[nn.Module, LoadReport]:
     """Build `name` (forward returns a dict) and load the given local weights; see LoadReport for results.
+    Torch weight files are read weights-only (no arbitrary unpickling) unless trust_checkpoint.
 
     cache_dir is accepted for CLI symmetry with open_clip; nothing is downloaded, so it is unused.
     """
@@ -135,6 +138,7 @@ def create_model(
         model = _build(name, cfg, precision, device)
     report = _load_weights(
         model, is_gpt2_config(cfg), pretrained, pretrained_image, pretrained_image_path, pretrained_text_path,
+        trust_checkpoint,
     )
     return model, report
 

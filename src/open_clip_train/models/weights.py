@@ -106,14 +106,36 @@ def _mismatch_lines(
     return lines
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch file (raw state_dict or {'state_dict': ...}), wrapper prefixes stripped."""
+def load_torch_file(path: str | Path, trust: bool = False, mmap: bool = False):
+    """torch.load without unpickling arbitrary objects (weights_only), unless `trust`; a file
+    that needs more is refused with a ValueError that says so and names --trust-checkpoint."""
+    kwargs = {"map_location": "cpu", "weights_only": not trust}
+    try:
+        return torch.load(path, mmap=mmap, **kwargs)
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(path, **kwargs)
+        raise ValueError(f"{path} cannot be read as a torch file ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - unpickling refused, or not a torch file at all
+        if not trust and "weights_only" in str(e):
+            raise ValueError(f"{path} holds pickled objects beyond tensors and plain containers; refusing to "
+                             f"unpickle it (pass --trust-checkpoint only if you trust whoever made the file)") from None
+        raise ValueError(f"{path} cannot be read as a torch file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch file (raw state_dict or {'state_dict': ...}), wrapper prefixes stripped.
+    Torch files are read weights-only unless `trust` (see load_torch_file)."""
     path = str(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path, device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, trust)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     if not isinstance(state, dict):
@@ -123,6 +145,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         k.removeprefix("module.").removeprefix("_orig_mod."): v
         for k, v in state.items() if isinstance(v, torch.Tensor)
     }
+
+
+def fit_problems(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], n: int = 3) -> list[str]:
+    """The first `n` keys of each kind that keep `state` from loading strictly into a model with
+    `model_state` (a meta-device skeleton's is enough: only names and shapes are compared)."""
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in model_state.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape) and state[k].numel() + v.numel() > 2]
+    out = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            out.append(f"{label} {', '.join(keys[:n])}" + (f" (+{len(keys) - n} more)" if len(keys) > n else ""))
+    return out
 
 
 def gpt2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
