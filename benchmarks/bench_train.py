@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,20 @@ MODEL_CONFIG_DIR = REPO / "src" / "open_clip_train" / "models" / "model_configs"
 STEP_RE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
 BATCH_T_RE = re.compile(r"Batch \(t\): ([0-9.]+)")
 OURS_PARAMS_RE = re.compile(r"trainable params \(INIT\): visual=(\d+), text=(\d+), total=(\d+)")
+# our trainer's own lines about speed decisions, kept with each run's results
+OURS_NOTE_RE = re.compile(r"(image trunk fully frozen: .*|host allocator: .*|unlock at epoch .*)$")
+
+# setting -> (our flags, upstream's flags). Upstream's --lock-text asserts on the CLIP text tower
+# without --lock-text-freeze-layer-norm, so lock-both passes it to both (the same trainable set).
+# after-unlock: ours locks the trunk for epoch 0 and unlocks it whole at epoch 1; measured after the
+# unlock, it trains the same parameters as upstream's full fine-tune, which is its comparison.
+SETTINGS = {
+    "full": ([], []),
+    "lock-image": (["--lock-image"], ["--lock-image"]),
+    "lock-both": (["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm"],
+                  ["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm"]),
+    "after-unlock": (["--lock-image", "--unfreeze-image-at-epoch", "1", "--unfreeze-new-lr-scale", "1"], []),
+}
 
 
 @dataclass
@@ -57,23 +72,38 @@ class Profile:
     model: str
     image_size: int
     batch_size: int
-    settings: list[str]  # 'full' and/or 'lock-image'
-    steps: dict[str, int]  # steps per run, per setting
+    settings: list[str]  # keys of SETTINGS
+    steps: dict[str, int]  # steps measured per run (the trainer is stopped after them), per setting
     skip: int  # warm-up steps excluded from the throughput window
     repeats: int
     workers: int
     precision: str = "fp32"
+    # Both trainers are told to run this many epochs and stopped after `steps`: a run's defaults
+    # (ours: whether a frozen trunk is worth compiling) see the length of a real run, not of the
+    # few steps measured. One epoch = `steps` batches, except after-unlock's (epoch_steps).
+    epochs: int = 40
+    epoch_steps: dict[str, int] = field(default_factory=dict)
+    skip_for: dict[str, int] = field(default_factory=dict)  # per-setting override of skip
+
+    def skip_of(self, setting: str) -> int:
+        return self.skip_for.get(setting, self.skip)
 
 
+# Locked settings skip 5 steps: ours times its frozen trunk on steps 1-3 and compiles it (when it
+# pays off) during step 4. after-unlock: epoch 0 is 4 locked steps, measured from step 6 on.
+_ALL = ["full", "lock-image", "lock-both", "after-unlock"]
+_SKIP = {"lock-image": 5, "lock-both": 5, "after-unlock": 5}
 PROFILES = {
-    # On 2 idle cores: ~17 s/step full fine-tune, ~8 s/step lock-image, ~10 s start-up per run;
-    # 8 runs ~ 13 minutes in all.
-    "default": Profile("convnextv2_tiny_cliptext-512", 224, 32, ["full", "lock-image"],
-                       {"full": 6, "lock-image": 8}, skip=2, repeats=2, workers=1),
-    "quick": Profile("convnextv2_tiny_cliptext-512", 224, 32, ["full", "lock-image"],
-                     {"full": 5, "lock-image": 6}, skip=2, repeats=1, workers=1),
-    "tiny": Profile("tiny-convnext-cliptext", 64, 32, ["full", "lock-image"],
-                    {"full": 30, "lock-image": 30}, skip=5, repeats=2, workers=1),
+    # On 2 idle cores: ~17-25 s/step full fine-tune, ~4-8 s/step locked, ~40 s start-up per run.
+    "default": Profile("convnextv2_tiny_cliptext-512", 224, 32, _ALL,
+                       {"full": 6, "lock-image": 12, "lock-both": 12, "after-unlock": 9}, skip=2, repeats=2,
+                       workers=1, epoch_steps={"after-unlock": 4}, skip_for=_SKIP),
+    "quick": Profile("convnextv2_tiny_cliptext-512", 224, 32, _ALL,
+                     {"full": 5, "lock-image": 10, "lock-both": 10, "after-unlock": 8}, skip=2, repeats=1,
+                     workers=1, epoch_steps={"after-unlock": 4}, skip_for=_SKIP),
+    "tiny": Profile("tiny-convnext-cliptext", 64, 32, _ALL,
+                    {"full": 30, "lock-image": 30, "lock-both": 30, "after-unlock": 30}, skip=5, repeats=2,
+                    workers=1, epoch_steps={"after-unlock": 10}, skip_for={"after-unlock": 12}),
 }
 
 
@@ -231,6 +261,7 @@ class RunResult:
     waited_s: float = 0.0  # time spent waiting for the machine to quieten before the run
     step_intervals_s: list[float] = field(default_factory=list)
     trainable_params: dict | None = None
+    trainer_notes: list[str] = field(default_factory=list)  # ours: compile decision, allocator, unlocks
     log: str = ""
 
 
@@ -316,7 +347,7 @@ def run_trainer(impl: str, python: Path, model_arg: str, setting: str, tsv: Path
         "--model", model_arg,
         "--dataset-type", "csv", "--train-data", str(tsv),
         "--csv-img-key", "filepath", "--csv-caption-key", "title", "--csv-separator", "\t",
-        "--batch-size", str(prof.batch_size), "--precision", prof.precision, "--epochs", "1",
+        "--batch-size", str(prof.batch_size), "--precision", prof.precision, "--epochs", str(prof.epochs),
         "--lr", "5e-4", "--beta1", "0.9", "--beta2", "0.999", "--eps", "1e-8", "--wd", "0.2", "--warmup", "2",
         "--workers", str(prof.workers), "--log-every-n-steps", "1", "--save-frequency", "0",
         "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "", "--seed", "0",
@@ -326,15 +357,16 @@ def run_trainer(impl: str, python: Path, model_arg: str, setting: str, tsv: Path
     # 'none' stores nothing at all (the driver keeps the console log). python -m, not torchrun, so
     # upstream's --logs spelling works for both.
     args += ["--logs", "none"]
-    if setting == "lock-image":
-        args.append("--lock-image")
-    return measure(args, run_dir, impl, setting, repeat, order, steps, prof.batch_size, prof.skip)
+    args += SETTINGS[setting][0 if impl == "ours" else 1]
+    return measure(args, run_dir, impl, setting, repeat, order, steps, prof.batch_size, prof.skip_of(setting),
+                   stop_after=True)
 
 
 def measure(args: list[str], run_dir: Path, impl: str, setting: str, repeat: int, order: int, steps: int,
-            batch_size: int, skip: int) -> RunResult:
+            batch_size: int, skip: int, stop_after: bool = False) -> RunResult:
     """Run one trainer command line (logging every step) in run_dir and measure it: throughput
-    over steps skip+1..n by the driver's clock, CPU time, page faults, RSS, other load."""
+    over steps skip+1..n by the driver's clock, CPU time, page faults, RSS, other load. With
+    stop_after, the trainer is killed once it has logged `steps` steps (its run is longer)."""
     (run_dir / "cmd.txt").write_text(" ".join(repr(a) if a in ("", "\t") else a for a in args) + "\n")
 
     t0 = time.perf_counter()
@@ -367,12 +399,22 @@ def measure(args: list[str], run_dir: Path, impl: str, setting: str, repeat: int
                 step_busy.append(_system_busy_s())
                 m = BATCH_T_RE.search(line)
                 batch_t.append(float(m.group(1)) if m else float("nan"))
+                if stop_after and len(step_times) == steps:
+                    for pid in reversed(_tree_pids(proc.pid)):  # loader workers, then the trainer
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    break
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     done.set()
     sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     rc = proc.returncode
+    if stop_after and rc == -signal.SIGKILL and len(step_times) == steps:
+        rc = 0  # stopped by us, as planned
+    trainer_notes = [m.group(1).strip() for m in (OURS_NOTE_RE.search(x.rstrip()) for x in lines) if m]
 
     params = None
     for line in lines:
@@ -402,7 +444,7 @@ def measure(args: list[str], run_dir: Path, impl: str, setting: str, repeat: int
         sys_s_per_step=round(sys_step, 3) if sys_step is not None else None,
         minor_faults_per_step=round(faults_step) if faults_step is not None else None,
         other_load_cores=round(other, 2) if other is not None else None,
-        step_intervals_s=[round(x, 3) for x in intervals], trainable_params=params,
+        step_intervals_s=[round(x, 3) for x in intervals], trainable_params=params, trainer_notes=trainer_notes,
         log=str(log_path.relative_to(REPO)) if log_path.is_relative_to(REPO) else str(log_path),
     )
     if rc != 0 or len(step_times) != steps:
@@ -467,9 +509,16 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], runs: list[RunResul
         f"* Model `{cfg['model']}` (upstream: the same JSON via `local-dir:`), {cfg['image_size']} px, batch "
         f"{cfg['batch_size']}, {cfg['precision']}, AdamW lr 5e-4, {cfg['workers']} dataloader worker(s), 1 process, "
         f"CSV data (rendered scenes, one caption each)",
-        f"* Steps per run: {', '.join(f'{k} {v}' for k, v in cfg['steps'].items() if k in cfg['settings'])}; "
-        f"throughput over steps {cfg['skip'] + 1}..n (the first {cfg['skip']} are warm-up), timed by the driver "
-        f"from log-line arrival; {cfg['repeats']} run(s) per trainer and setting, alternating; medians shown.",
+        f"* Steps per run (measured window after the warm-up steps): "
+        f"{', '.join(f'{k} {v} ({prof.skip_of(k) + 1}..{v})' for k, v in cfg['steps'].items() if k in cfg['settings'])}; "
+        f"both trainers are launched for {cfg['epochs']} epochs and stopped after those steps, so each sees "
+        f"a long run's defaults; timed by the driver from log-line arrival; {cfg['repeats']} run(s) per trainer "
+        f"and setting, alternating; medians shown.",
+        "* Settings (same flags for both, each trainer's defaults otherwise): "
+        + "; ".join(f"`{k}`: ours `{' '.join(SETTINGS[k][0]) or '(none)'}`, upstream `{' '.join(SETTINGS[k][1]) or '(none)'}`"
+                    for k in cfg["settings"]) + ". after-unlock is measured after the unlock at epoch 1 "
+        f"(epoch length {prof.epoch_steps.get('after-unlock', '-')} steps), against upstream's full fine-tune "
+        "(the same trainable set).",
         "",
         "| setting | ours samples/s | upstream samples/s | ours/upstream | ours peak RSS MiB | upstream peak RSS MiB "
         "| ours/upstream | ours tree RSS MiB | upstream tree RSS MiB |",
@@ -511,6 +560,18 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], runs: list[RunResul
         out += ["", f"Model parity: {check['summary']}"]
     if meta.get("notes"):
         out += ["", "Notes:", ""] + [f"* {n}" for n in meta["notes"]]
+    ours_notes = {}
+    for r in sorted(runs, key=lambda r: r.order):
+        if r.impl == "ours" and r.trainer_notes:
+            ours_notes.setdefault(r.setting, r.trainer_notes)
+    if ours_notes:
+        out += ["", "Our trainer's speed decisions, from its log (first run of each setting):", ""]
+        out += [f"* {k}: " + "; ".join(f"`{n}`" for n in v) for k, v in ours_notes.items()]
+        slow = [f"{r.setting}/{r.impl}#{r.repeat}: {max(r.step_intervals_s):.1f} s" for r in runs
+                if r.impl == "ours" and any("compiling it" in n for n in r.trainer_notes) and r.step_intervals_s]
+        if slow:
+            out += ["", "One-off compile (the longest step interval of runs that compiled, inside the warm-up): "
+                    + ", ".join(slow)]
     out += ["", "Run order: " + ", ".join(f"{r.setting}/{r.impl}#{r.repeat}" for r in sorted(runs, key=lambda r: r.order)),
             "", "Per-run details (step intervals, logs) are in `results.json`.", ""]
     path.write_text("\n".join(out))
@@ -546,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     prof = PROFILES["tiny" if a.tiny else "quick" if a.quick else "default"]
     if a.settings:
         prof.settings = [s.strip() for s in a.settings.split(",") if s.strip()]
-        bad = set(prof.settings) - {"full", "lock-image"}
+        bad = set(prof.settings) - set(SETTINGS)
         if bad:
             ap.error(f"unknown settings {sorted(bad)}")
     if a.repeats:
@@ -557,11 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.skip < 1:
             ap.error("--skip must be >= 1 (the window starts at the end of step `skip`)")
         prof.skip = a.skip
+        prof.skip_for = {}
     if a.workers is not None:
         prof.workers = a.workers
     for s in prof.settings:
-        if prof.steps[s] < prof.skip + 2:
-            ap.error(f"{s}: {prof.steps[s]} steps leave fewer than 2 after skipping {prof.skip}")
+        if prof.steps[s] < prof.skip_of(s) + 2:
+            ap.error(f"{s}: {prof.steps[s]} steps leave fewer than 2 after skipping {prof.skip_of(s)}")
     global THREADS
     THREADS = a.threads
     base = Path(a.out) if a.out else BENCH / ("results-tiny" if a.tiny else "results")
@@ -608,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     tsvs = {}
     rows_all = tsv_all.read_text().splitlines()
     for s in prof.settings:
-        n = prof.batch_size * prof.steps[s]
+        n = prof.batch_size * prof.epoch_steps.get(s, prof.steps[s])
         t = tsv_all.with_name(f"train-{n}.tsv")
         t.write_text("\n".join(rows_all[: n + 1]) + "\n")
         tsvs[s] = t
@@ -643,8 +705,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{max(r.other_load_cores for r in noisy):.2f} cores busy elsewhere during the measured window): "
                      "wall-clock samples/s of those runs is pessimistic; samples/CPU-s is the steadier comparison")
     for r in runs:
-        if r.impl == "ours" and r.trainable_params:
-            expect = model_check["upstream"]["full" if r.setting == "full" else "lock_image"]
+        check = {"full": "full", "lock-image": "lock_image", "after-unlock": "lock_image"}.get(r.setting)
+        if r.impl == "ours" and r.trainable_params and check:  # INIT counts (lock-both: text 0 in both)
+            expect = model_check["upstream"][check]
             if r.trainable_params != expect:
                 notes.append(f"{r.setting}: ours trains {r.trainable_params} params, upstream's lock/build gives "
                              f"{expect}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from itertools import product
 from typing import List, Mapping, MutableMapping, Optional
 
@@ -246,9 +247,29 @@ def init(world: World, device: torch.device, backend: Optional[str] = None) -> s
     backend = backend_for(device, backend)
     if world.distributed and not dist.is_initialized():
         export_rendezvous(world)  # srun exports no MASTER_*: derived in world_from_env
-        dist.init_process_group(backend=backend, init_method="env://", rank=world.rank,
-                                world_size=world.world_size)
+        store = _restart_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend, init_method="env://", rank=world.rank,
+                                    world_size=world.world_size)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=world.rank, world_size=world.world_size)
     return backend
+
+
+def _restart_store(world: World) -> Optional[dist.Store]:
+    """After a torchrun restart, a store whose keys this attempt alone writes.
+
+    torchrun's static rendezvous keeps one TCPStore for all attempts under the same prefix, so
+    the restarted group can read the crashed attempt's gloo addresses and fail to connect
+    ("Connection refused") before the new peer has overwritten them. Keying by the restart
+    count gives every attempt a clean namespace. None: not a restarted torchrun attempt.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.world_size,
+                         is_master=False, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"open_clip_train/attempt_{attempt}", base)
 
 
 def _initialized() -> bool:
