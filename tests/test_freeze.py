@@ -338,6 +338,25 @@ def test_frozen_parts_run_in_eval_mode():
     assert all(m.training for m in model.modules())
 
 
+def test_dropout_in_a_frozen_prefix_runs_in_eval_mode():
+    # GPT2's embedding dropout has no parameters of its own: it sits after the frozen wte/wpe, so it
+    # is part of the frozen prefix; once the embeddings train, it is back in train mode.
+    model = _train_mode_model()
+    gpt2 = model.text.transformer
+    assert gpt2.drop.p > 0
+    install_frozen_eval(model)
+    model.train()
+    assert not gpt2.drop.training
+    ids = torch.randint(0, 50, (4, 8))
+    emb = gpt2.wte(ids)
+    assert torch.equal(gpt2.drop(emb), emb)
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad or n.startswith("text.transformer.wpe")]
+    apply_trainable(model, trainable)  # the position embeddings train: the prefix ends before `drop`
+    model.train()
+    assert gpt2.drop.training and not gpt2.h[0].mlp.dropout.training
+
+
 def test_frozen_train_mode_keeps_upstream_behaviour():
     model = _train_mode_model()  # no install_frozen_eval: --frozen-train-mode
     model.train()

@@ -418,19 +418,37 @@ def apply_trainable(model: nn.Module, trainable: Sequence[str]) -> None:
 
 
 def _frozen_named_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Maximal submodules (with their names) whose parameters are all frozen."""
+    """Maximal submodules (with their names) whose parameters are all frozen, plus parameterless
+    modules inside a frozen prefix.
+
+    A parameterless child (dropout, drop-path, activation) belongs to no parameter, so it is judged
+    by where it sits: among its siblings in registration order (forward order for the towers here:
+    GPT2's wte, wpe, drop, h, ln_f), one that follows a frozen sibling with no trainable sibling
+    before it is part of the frozen prefix and runs in eval mode too. That is GPT2's embedding
+    dropout when only the embeddings are frozen. A leading parameterless child stays as it is, and
+    so do all of them under a parent that itself holds a trainable parameter.
+    """
     out: List[Tuple[str, nn.Module]] = []
 
-    def visit(name: str, m: nn.Module) -> None:
-        params = list(m.parameters())
-        if params and not any(p.requires_grad for p in params):
-            out.append((name, m))
-            return
+    def visit_children(name: str, m: nn.Module) -> None:
+        # A trainable parameter held by `m` itself (a layer-scale gamma, logit_scale) is used at a
+        # point of the forward we cannot see, so it ends any prefix before it starts.
+        no_trainable_yet = not any(p.requires_grad for p in m.parameters(recurse=False))
+        frozen_seen = False
         for child_name, child in m.named_children():
-            visit(f"{name}.{child_name}" if name else child_name, child)
+            full = f"{name}.{child_name}" if name else child_name
+            params = list(child.parameters())
+            if not params:
+                if no_trainable_yet and frozen_seen:
+                    out.append((full, child))
+            elif not any(p.requires_grad for p in params):
+                frozen_seen = True
+                out.append((full, child))
+            else:
+                no_trainable_yet = False
+                visit_children(full, child)
 
-    for child_name, child in model.named_children():
-        visit(child_name, child)
+    visit_children("", model)
     return out
 
 
