@@ -92,6 +92,30 @@ def test_modes_and_phase_changes(monkeypatch):
         FrozenTrunkCompiler("sometimes", torch.device("cpu"))
 
 
+def test_settled_only_after_timing_and_the_first_compiled_step(monkeypatch):
+    """The trainer turns on glibc's memory retention once `settled`: never while the eager forward is
+    being timed or before the first step that runs (and so compiles) the compiled trunk."""
+    model, _ = _locked_tiny()
+    monkeypatch.setattr(frozen_compile, "compile_frozen_trunk", _Recorder())
+    monkeypatch.setattr(frozen_compile, "COMPILE_BUDGET_S", 0.0)
+    auto = FrozenTrunkCompiler("auto", torch.device("cpu"))
+    auto.on_phase(model, step=0, phase_end_step=100)
+    for k in range(frozen_compile.TIMED_STEPS):
+        assert not auto.settled
+        _steps(model, auto, 1, first_step=k)
+    assert not auto.settled  # decided to compile: the compile happens in the next step
+    _steps(model, auto, 1, first_step=frozen_compile.TIMED_STEPS)
+    assert auto.settled
+    on = FrozenTrunkCompiler("on", torch.device("cpu"))
+    on.on_phase(model, 0, 10)
+    assert not on.settled
+    _steps(model, on, 1)
+    assert on.settled
+    off = FrozenTrunkCompiler("off", torch.device("cpu"))
+    off.on_phase(model, 0, 10)
+    assert off.settled
+
+
 def test_failed_compile_falls_back_to_the_eager_forward(monkeypatch, caplog):
     model, _ = _locked_tiny()
     model.eval()

@@ -8,6 +8,7 @@ the 32 training images, so that a few dozen steps are enough to show learning we
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,14 @@ def test_trainable_lines_at_init_and_at_the_unlock(run):
     assert found[1][1] > found[0][1]
     unlock = msgs.index(next(m for m in msgs if m.startswith("unlock at epoch 1: image")))
     assert unlock < msgs.index(next(m for m in msgs if m.startswith("trainable params (epoch 1)")))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_host_memory_retention_starts_once_the_steps_settle(run):
+    msgs = messages(run[0] / "out.log")
+    alloc = [i for i, m in enumerate(msgs) if m.startswith("host allocator: glibc")]
+    decided = next(i for i, m in enumerate(msgs) if m.startswith("image trunk fully frozen: running it eagerly"))
+    assert len(alloc) == 1 and alloc[0] > decided  # after the timed eager steps, not before the first
 
 
 def group_tables(msgs):

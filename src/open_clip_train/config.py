@@ -66,6 +66,7 @@ class ModelCfg:
     grad_checkpointing: bool = False
     torchcompile: bool = False
     compile_frozen: str = "auto"  # auto | on | off (frozen_compile)
+    trim_text_padding: bool = True  # models.text_trim
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class RunCfg:
                 grad_checkpointing=a.grad_checkpointing,
                 torchcompile=a.torchcompile,
                 compile_frozen=a.compile_frozen,
+                trim_text_padding=a.trim_text_padding,
             ),
             data=DataCfg(
                 dataset_type=a.dataset_type,

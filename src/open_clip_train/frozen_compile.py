@@ -78,6 +78,12 @@ class FrozenTrunkCompiler:
         self.device = device
         self._timer: Optional[_ForwardTimer] = None
         self._phase_end = 0  # global step at which the current frozen phase ends
+        self._compile_pending = False  # compiled, but the compile runs at the next forward
+
+    @property
+    def settled(self) -> bool:
+        """No timing under way and no compile waiting for its first step: steps look alike from here."""
+        return self._timer is None and not self._compile_pending
 
     def on_phase(self, model: nn.Module, step: int, phase_end_step: int) -> None:
         """The trainable set changed (start, unlock, resume): compile, time, or go eager."""
@@ -87,6 +93,7 @@ class FrozenTrunkCompiler:
         frozen = trunk is not None and not any(p.requires_grad for p in trunk.parameters())
         if self.mode == "on" and frozen:
             if compile_frozen_trunk(model, True):
+                self._compile_pending = True
                 logging.info("image trunk fully frozen: running it compiled, without autograd (--compile-frozen on)")
             return
         compile_frozen_trunk(model, False)  # eager from here (a no-op unless it was compiled)
@@ -96,6 +103,7 @@ class FrozenTrunkCompiler:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Auto mode: once the frozen forward has been timed, compile if it pays off."""
         timer = self._timer
+        self._compile_pending = False  # a step ran since any compile was switched on
         if timer is None:
             return
         timer.end_step()
@@ -108,6 +116,7 @@ class FrozenTrunkCompiler:
         what = (f"{per_step:.3f} s of eager trunk forward per step x {steps_left} frozen steps left: "
                 f"~{expected_saving(per_step, steps_left):.0f} s to save")
         if decision and compile_frozen_trunk(model, True):
+            self._compile_pending = True
             logging.info(f"image trunk fully frozen: compiling it, without autograd ({what}; --compile-frozen off "
                          "to disable)")
         else:

@@ -87,12 +87,6 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
         logging.info(f"world: backend={backend if world.distributed else 'none'}, world_size={world.world_size}, "
                      f"rank={world.rank}, local_rank={world.local_rank}, nodes={world.num_nodes}, "
                      f"device={device}, rendezvous={world.rendezvous}, from {world.source}")
-        if cfg.malloc_retain and device.type == "cpu":
-            from .allocator import retain_freed_memory
-
-            note = retain_freed_memory()  # before the model and data loaders allocate
-            if note:
-                logging.info(note)
         trainer = Trainer.build(cfg, world, device, paths, stop)
         resume_from = dist_env.broadcast_object(_resume_path(cfg, paths) if world.is_master else None)
         if resume_from is not None:

@@ -25,6 +25,7 @@ from .distributed import World
 from .errors import UserError
 from .headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
 from .losses import ContrastiveLoss, LossCfg
+from .models.text_trim import set_text_padding_trim, text_padding_trim
 
 Terms = Dict[str, torch.Tensor]
 
@@ -102,6 +103,7 @@ class Objective:
                                               trust_checkpoint=cfg.trust_checkpoint)
         except ValueError as e:
             raise UserError(f"--teacher-model {d.teacher_model}: {e}") from None
+        set_text_padding_trim(teacher.model, text_padding_trim(model))  # --no-trim-text-padding covers both
         diff = preprocess_difference(model.visual.preprocess_cfg, teacher.preprocess_cfg)
         if diff is not None:
             raise UserError(f"teacher {d.teacher_model} preprocesses images differently from the student ({diff}); "

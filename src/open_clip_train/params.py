@@ -403,6 +403,11 @@ def _add_locking(p: argparse.ArgumentParser) -> None:
              "auto (default): when the timed eager forward x the frozen steps left pays for the compile; "
              "on (also plain --compile-frozen): always; off: never.")
     g.add_argument(
+        "--trim-text-padding", default=True, action=argparse.BooleanOptionalAction,
+        help="Run causal text towers (CLIP text, GPT-2) only on the tokens up to the batch's last EOS: "
+             "the padding after it changes no output or gradient (default on; --no-trim-text-padding "
+             "runs the full context length).")
+    g.add_argument(
         "--frozen-train-mode", default=False, action="store_true",
         help="Keep fully frozen modules in train mode (dropout/BatchNorm behave as in training).")
 

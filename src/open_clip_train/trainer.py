@@ -42,7 +42,8 @@ from .numerics import NonFiniteGuard, all_finite, is_failure
 from .objective import Objective
 from .preempt import StopRequest, signal_name
 from .teacher_cache import augmentation_notice
-from .models import create_model, get_preprocess, get_tokenizer
+from .models import create_model, get_preprocess, get_tokenizer, text_trim
+from .models.text_trim import set_text_padding_trim
 from .models.weights import fit_problems, load_torch_file
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
@@ -221,6 +222,8 @@ class Trainer:
         self.epoch_bad = BadTally()  # this rank's bad samples in the current epoch
         self.epoch_bad_total = 0  # all ranks' count, summed step by step
         self.where = ""  # "epoch E, batch b/n", for messages
+        # glibc keeps freed memory once the steps settle into their steady form (allocator.py)
+        self._retain_pending = cfg.malloc_retain and device.type == "cpu"
 
     # ---------------------------------------------------------------- build
     @classmethod
@@ -240,6 +243,9 @@ class Trainer:
                 trust_checkpoint=cfg.trust_checkpoint,
             )
             self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
+        if set_text_padding_trim(self.model, cfg.model.trim_text_padding) and cfg.model.trim_text_padding:
+            logging.info("text tower: runs on each batch's tokens up to its last EOS, rounded up to "
+                         f"{text_trim.ROUND} (--no-trim-text-padding for the full context length)")
         if report is not None:
             report.log(logging.getLogger())
         if cfg.model.grad_checkpointing:
@@ -292,6 +298,14 @@ class Trainer:
         if self.cfg.freeze.frozen_train_mode and self.cfg.freeze.image.freeze_norm:
             freeze_bn_stats(self.model)
         logging.info(f"trainable params ({log_as}): {format_counts(count_trainable(self.model))}")
+
+    def _retain_freed_memory(self) -> None:
+        from .allocator import retain_freed_memory
+
+        self._retain_pending = False
+        note = retain_freed_memory()
+        if note:
+            logging.info(note)
 
     def _wrap(self) -> None:
         """(Re)build the DDP wrapper over the current trainable set."""
@@ -508,6 +522,8 @@ class Trainer:
                 self._set_lr(self.step)
                 self.where = f"epoch {epoch}, step {steps_done + 1} of {self.steps_per_epoch}"
                 skipped_before = self.nonfinite.skipped
+                if self._retain_pending and self.compiler.settled:
+                    self._retain_freed_memory()
                 terms = self.train_step(batches)
                 batches = []
                 self.step += 1

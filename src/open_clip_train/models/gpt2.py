@@ -15,6 +15,8 @@ from transformers import AutoTokenizer, GPT2Config, GPT2Model
 
 from open_clip.model import CustomTextCLIP, _build_vision_tower
 
+from .text_trim import prefix_length
+
 PROJ_TYPES = ("mlp", "linear")
 
 
@@ -33,7 +35,10 @@ def _build_proj(width: int, output_dim: int, proj_type: str) -> nn.Module:
 
 
 class GPT2TextTower(nn.Module):
-    """Causal GPT-2 encoder pooled at the first EOS token, then projected to the joint space."""
+    """Causal GPT-2 encoder pooled at the first EOS token, then projected to the joint space.
+    Runs on the batch's prefix up to its last EOS (text_trim: the padding after it changes nothing)."""
+
+    trim_text_padding: bool = True
 
     def __init__(
             self,
@@ -73,6 +78,8 @@ class GPT2TextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         eos_idx = self.first_eos_index(tokens)
+        if self.trim_text_padding:
+            tokens = tokens[:, :prefix_length(eos_idx, tokens.shape[1])]
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         # Causality already hides later padding from the pooled position; the mask states it explicitly.
         attention_mask = (positions[None, :] <= eos_idx[:, None]).long()

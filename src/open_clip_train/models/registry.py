@@ -16,6 +16,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
+from . import text_trim
 from .gpt2 import GPT2CLIP, CausalTokenizer
 from .weights import LoadReport, gpt2_state_dict, load_into, new_report, read_state_dict
 
@@ -76,9 +77,9 @@ def _build(name: str, cfg: dict[str, Any], precision: str, device: torch.device)
     root.addFilter(quiet)
     try:
         # pretrained_image=False keeps open_clip from asking timm to download trunk weights.
-        return open_clip.create_model(
+        return text_trim.adopt(open_clip.create_model(
             name, pretrained=None, precision=precision, device=device, output_dict=True, pretrained_image=False,
-        )
+        ))
     finally:
         root.removeFilter(quiet)
 
