@@ -51,7 +51,7 @@ STEP_RE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
 BATCH_T_RE = re.compile(r"Batch \(t\): ([0-9.]+)")
 OURS_PARAMS_RE = re.compile(r"trainable params \(INIT\): visual=(\d+), text=(\d+), total=(\d+)")
 # our trainer's own lines about speed decisions, kept with each run's results
-OURS_NOTE_RE = re.compile(r"(image trunk fully frozen: .*|host allocator: .*|unlock at epoch .*)$")
+OURS_NOTE_RE = re.compile(r"(image trunk fully frozen: .*|host allocator: .*|unlock at epoch .*|text tower: .*)$")
 
 # setting -> (our flags, upstream's flags). Upstream's --lock-text asserts on the CLIP text tower
 # without --lock-text-freeze-layer-norm, so lock-both passes it to both (the same trainable set).
@@ -225,6 +225,19 @@ def make_data(work: Path, python: Path, num_images: int, image_size: int) -> Pat
             w.writerow([str((root / "train2017" / img["file_name"]).resolve()), caption])
     tmp.rename(tsv)
     return tsv
+
+
+def caption_tokens(tsv: Path, batch_size: int) -> dict:
+    """CLIP-tokenizer lengths (with start/end tokens) of the captions, and the longest per batch:
+    the text tower's work with --trim-text-padding depends on it (context length 77 without)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    with tsv.open(encoding="utf-8") as f:
+        lengths = [len(tok.encode(row["title"])) + 2 for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    batch_max = [max(lengths[i:i + batch_size]) for i in range(0, len(lengths) - batch_size + 1, batch_size)]
+    return {"median": statistics.median(lengths), "max": max(lengths),
+            "batch_max_median": statistics.median(batch_max) if batch_max else max(lengths)}
 
 
 def upstream_model_dir(work: Path, model: str) -> Path:
@@ -508,7 +521,9 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], runs: list[RunResul
         f"trainer `{meta['upstream']['trainer_rel']}`",
         f"* Model `{cfg['model']}` (upstream: the same JSON via `local-dir:`), {cfg['image_size']} px, batch "
         f"{cfg['batch_size']}, {cfg['precision']}, AdamW lr 5e-4, {cfg['workers']} dataloader worker(s), 1 process, "
-        f"CSV data (rendered scenes, one caption each)",
+        f"CSV data (rendered scenes, one caption each: {cfg['caption_tokens']['median']:g} tokens median, "
+        f"{cfg['caption_tokens']['max']} max, a batch's longest {cfg['caption_tokens']['batch_max_median']:g} median; "
+        f"COCO captions are of the same order, ~10-20 tokens; the context is 77)",
         f"* Steps per run (measured window after the warm-up steps): "
         f"{', '.join(f'{k} {v} ({prof.skip_of(k) + 1}..{v})' for k, v in cfg['steps'].items() if k in cfg['settings'])}; "
         f"both trainers are launched for {cfg['epochs']} epochs and stopped after those steps, so each sees "
@@ -722,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         "ours": ours_info,
         "upstream": up_info,
         "config": dict(asdict(prof), threads_env=THREADS, upstream_model=up_model_arg.replace(str(REPO) + "/", ""),
-                       data=str(tsv_all.parent.relative_to(REPO)) if tsv_all.is_relative_to(REPO) else str(tsv_all)),
+                       data=str(tsv_all.parent.relative_to(REPO)) if tsv_all.is_relative_to(REPO) else str(tsv_all),
+                       caption_tokens=caption_tokens(tsv_all, prof.batch_size)),
         "model_check": model_check,
         "total_benchmark_s": round(total_s, 1),
         "notes": notes,
