@@ -92,8 +92,7 @@ class FrozenTrunkCompiler:
         trunk = getattr(getattr(model, "visual", None), "trunk", None)
         frozen = trunk is not None and not any(p.requires_grad for p in trunk.parameters())
         if self.mode == "on" and frozen:
-            if compile_frozen_trunk(model, True):
-                self._compile_pending = True
+            if self._compile(model):
                 logging.info("image trunk fully frozen: running it compiled, without autograd (--compile-frozen on)")
             return
         compile_frozen_trunk(model, False)  # eager from here (a no-op unless it was compiled)
@@ -115,12 +114,15 @@ class FrozenTrunkCompiler:
         decision = dist_env.broadcast_object(worth_compiling(per_step, steps_left))
         what = (f"{per_step:.3f} s of eager trunk forward per step x {steps_left} frozen steps left: "
                 f"~{expected_saving(per_step, steps_left):.0f} s to save")
-        if decision and compile_frozen_trunk(model, True):
-            self._compile_pending = True
+        if decision and self._compile(model):
             logging.info(f"image trunk fully frozen: compiling it, without autograd ({what}; --compile-frozen off "
                          "to disable)")
         else:
             logging.info(f"image trunk fully frozen: running it eagerly ({what}, not worth a compile)")
+
+    def _compile(self, model: nn.Module) -> bool:
+        self._compile_pending = compile_frozen_trunk(model, True)
+        return self._compile_pending
 
     def _stop_timing(self) -> None:
         if self._timer is not None:

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from . import distributed as dist_env
 from . import faults
+from .allocator import retain_freed_memory
 from .config import RunCfg
 from .data import BadTally, DataInfo, RetrievalData, get_data
 from .data.bad_samples import bad_of
@@ -42,8 +43,8 @@ from .numerics import NonFiniteGuard, all_finite, is_failure
 from .objective import Objective
 from .preempt import StopRequest, signal_name
 from .teacher_cache import augmentation_notice
-from .models import create_model, get_preprocess, get_tokenizer, text_trim
-from .models.text_trim import set_text_padding_trim
+from .models import create_model, get_preprocess, get_tokenizer
+from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
 from .models.weights import fit_problems, load_torch_file
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
@@ -245,7 +246,7 @@ class Trainer:
             self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
         if set_text_padding_trim(self.model, cfg.model.trim_text_padding) and cfg.model.trim_text_padding:
             logging.info("text tower: runs on each batch's tokens up to its last EOS, rounded up to "
-                         f"{text_trim.ROUND} (--no-trim-text-padding for the full context length)")
+                         f"{TEXT_TRIM_ROUND} (--no-trim-text-padding for the full context length)")
         if report is not None:
             report.log(logging.getLogger())
         if cfg.model.grad_checkpointing:
@@ -300,8 +301,6 @@ class Trainer:
         logging.info(f"trainable params ({log_as}): {format_counts(count_trainable(self.model))}")
 
     def _retain_freed_memory(self) -> None:
-        from .allocator import retain_freed_memory
-
         self._retain_pending = False
         note = retain_freed_memory()
         if note:

@@ -77,16 +77,19 @@ def adopt(model: nn.Module) -> nn.Module:
     return model
 
 
+def _trimming_modules(model: nn.Module) -> list[nn.Module]:
+    """The model and/or its `.text` tower, where their class knows `trim_text_padding`."""
+    return [m for m in (model, getattr(model, "text", None)) if m is not None and hasattr(type(m), "trim_text_padding")]
+
+
 def set_text_padding_trim(model: nn.Module, enabled: bool) -> bool:
     """Turn trimming on or off for `model`; returns whether its text tower supports it."""
-    supported = False
-    for m in (model, getattr(model, "text", None)):
-        if m is not None and hasattr(type(m), "trim_text_padding"):
-            m.trim_text_padding = enabled
-            supported = True
-    return supported
+    modules = _trimming_modules(model)
+    for m in modules:
+        m.trim_text_padding = enabled
+    return bool(modules)
 
 
 def text_padding_trim(model: nn.Module) -> bool:
     """Whether `model` trims its text padding (False where its tower does not support it)."""
-    return any(getattr(m, "trim_text_padding", False) for m in (model, getattr(model, "text", None)) if m is not None)
+    return any(m.trim_text_padding for m in _trimming_modules(model))
