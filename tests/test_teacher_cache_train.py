@@ -72,18 +72,24 @@ def _weights(root: Path, name: str) -> dict:
                       weights_only=False)["state_dict"]
 
 
+# Plain SGD: the cached and the live teacher's features differ by float32 rounding (other batch
+# sizes, other kernels), and SGD keeps the resulting weight differences rounding-sized, where
+# Adam would turn rounding in a near-zero gradient into an lr-sized step.
+SGD = ("--opt", "sgd", "--momentum", "0", "--lr", "0.1")
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_cache_trains_like_the_live_teacher(setup, accum, monkeypatch):
     root, demo, ckpt, cache = setup
     live = _run(root, demo, ckpt, f"live{accum}", "--teacher-pretrained", ckpt, "--no-augment",
-                "--accum-freq", accum)
+                "--accum-freq", accum, *SGD)
 
     def no_teacher(*a, **k):
         raise AssertionError("the teacher model was built although the cache replaces it")
 
     monkeypatch.setattr(Teacher, "from_pretrained", no_teacher)
     cached = _run(root, demo, ckpt, f"cached{accum}", "--teacher-cache", cache, "--no-augment",
-                  "--accum-freq", accum)
+                  "--accum-freq", accum, *SGD)
     assert "teacher cache" in cached and "teacher image_trunk:" not in cached
     assert "un-augmented" not in cached  # --no-augment: the student sees the teacher's view
     a, b = _terms(live), _terms(cached)
@@ -93,13 +99,7 @@ def test_cache_trains_like_the_live_teacher(setup, accum, monkeypatch):
     wa, wb = _weights(root, f"live{accum}"), _weights(root, f"cached{accum}")
     assert set(wa) == set(wb)
     for k in wa:
-        a_k, b_k = wa[k], wb[k]
-        if k == "visual.head.pool.qkv.bias":
-            # The key bias's gradient is mathematically zero (softmax ignores a constant added to
-            # every key), so Adam turns rounding noise into lr-sized steps there (as in test_ddp).
-            dim = a_k.shape[0] // 3
-            a_k, b_k = torch.cat([a_k[:dim], a_k[2 * dim:]]), torch.cat([b_k[:dim], b_k[2 * dim:]])
-        torch.testing.assert_close(b_k, a_k, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
     torch.manual_seed(0)  # the trainer's init seed: the new head as it started
     start = create_model(STUDENT)[0].state_dict()["visual.head.pool.proj.weight"]
     assert (wa["visual.head.pool.proj.weight"] - start).abs().max() > 1e-4  # the head trained
