@@ -9,7 +9,8 @@
 * `--headalign`: adds `{"headalign_loss"}`: the new head aligned to the checkpoint's own frozen
   head on the same trunk features (no teacher).
 
-The trainer only calls `terms`, `cache_micro` / `terms_cached` (for --accum-freq) and `on_unlock`;
+The trainer only calls `terms`, `cache_micro` / `terms_cached` (for --accum-freq, through
+accumulate.forward_backward_accum) and `on_unlock`;
 each takes the batch's sample ids (`ids`, None unless `needs_ids`).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .distill import DistillCfg, DistillLoss, TokenizerPair, TrunkCapture, concat_outputs, merge_micro_batch
+from .accumulate import detach_direct
 from .distributed import World
 from .errors import UserError
 from .headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
@@ -171,10 +173,15 @@ class Objective:
             entry["reference"] = self.reference(feats)
         return entry
 
-    def terms_cached(self, net, images: torch.Tensor, tokens: torch.Tensor, cached: Sequence[dict], j: int) -> Terms:
-        """Grad pass for micro-batch j against the cached rest of the accumulated batch."""
+    def terms_cached(self, net, images: torch.Tensor, tokens: torch.Tensor, cached: Sequence[dict], j: int,
+                     direct_grad: bool = True) -> Terms:
+        """Grad pass for micro-batch j against the cached rest of the accumulated batch.
+        `direct_grad` False: the logit scale / bias enter as values only (accumulate.py: their
+        gradient must come from one pass of the K)."""
         s_tok, _ = self._split(tokens)
         out = net(images, s_tok)
+        if not direct_grad:
+            out = detach_direct(out)
         if self.capture is not None:
             self.capture.pop()  # not needed again: free it
         merged = merge_micro_batch(cached, j, out)

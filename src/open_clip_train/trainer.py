@@ -17,7 +17,7 @@ import math
 import random
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from . import distributed as dist_env
 from . import faults
+from .accumulate import forward_backward_accum
 from .allocator import retain_freed_memory
 from .config import RunCfg
 from .data import BadTally, DataInfo, RetrievalData, get_data
@@ -43,7 +44,7 @@ from .numerics import NonFiniteGuard, all_finite, is_failure
 from .objective import Objective
 from .preempt import StopRequest, signal_name
 from .teacher_cache import augmentation_notice
-from .models import create_model, get_preprocess, get_tokenizer
+from .models import create_model, get_preprocess, get_tokenizer, loss_model_kwargs
 from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
 from .models.weights import fit_problems, load_torch_file
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
@@ -109,7 +110,7 @@ def check_config(cfg: RunCfg) -> None:
         raise UserError(f"--resume {resume}: no such checkpoint")
     with _quiet():
         with user_errors(f"--model {m.name}"):
-            skeleton, _ = create_model(m.name, device="meta")
+            skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip))
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer)
         build_plan(skeleton, cfg.freeze, cfg.train.epochs)
@@ -242,6 +243,7 @@ class Trainer:
                 precision=cfg.model.precision,
                 device=device,
                 trust_checkpoint=cfg.trust_checkpoint,
+                model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip),
             )
             self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
         if set_text_padding_trim(self.model, cfg.model.trim_text_padding) and cfg.model.trim_text_padding:
@@ -685,23 +687,9 @@ class Trainer:
         return {k: v.detach() for k, v in terms.items()}
 
     def _forward_backward_accum(self, moved) -> Dict[str, torch.Tensor]:
-        """Upstream's --accum-freq: features of all micro-batches first (no grad), then each
-        micro-batch again with grad against the cached rest, so the loss sees the full batch."""
-        precision = self.cfg.model.precision
-        with torch.no_grad(), autocast(precision, self.device):
-            cached = [self.objective.cache_micro(self.net, images, texts, ids) for images, texts, ids in moved]
-        terms_sum: Dict[str, torch.Tensor] = {}
-        for j, (images, texts, _) in enumerate(moved):
-            sync = j == len(moved) - 1 or self.ddp is None
-            ctx = self.ddp.no_sync() if not sync else nullcontext()
-            with ctx:
-                with autocast(precision, self.device):
-                    terms = self.objective.terms_cached(self.net, images, texts, cached, j)
-                    loss = total(terms)
-                self._backward(loss)
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0) + v.detach() / len(moved)
-        return terms_sum
+        """--accum-freq: the whole batch's gradients from its micro-batches (accumulate.py)."""
+        return forward_backward_accum(self.objective, self.net, moved, self._backward, self.cfg.model.precision,
+                                      self.device, self.ddp.no_sync if self.ddp is not None else None)
 
     def _check_grads(self) -> None:
         for n, p in self.model.named_parameters():

@@ -14,11 +14,13 @@ from .registry import (  # noqa: E402
     create_model,
     get_preprocess,
     get_tokenizer,
+    loss_model_kwargs,
     list_models,
 )
 from .weights import LoadReport  # noqa: E402
 
 __all__ = [
+    "loss_model_kwargs",
     "CausalTokenizer",
     "GPT2CLIP",
     "GPT2TextTower",

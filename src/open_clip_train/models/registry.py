@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
@@ -70,7 +71,14 @@ class _NoRandomInitWarning(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def _build(name: str, cfg: dict[str, Any], precision: str, device: torch.device) -> nn.Module:
+def loss_model_kwargs(siglip: bool) -> dict[str, Any]:
+    """What the loss needs of the model, as upstream's trainer sets it: SigLIP starts from
+    logit scale log(10) and a learned logit bias of -10 (CLIP's softmax needs neither)."""
+    return {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}
+
+
+def _build(name: str, cfg: dict[str, Any], precision: str, device: torch.device,
+           model_kwargs: dict[str, Any]) -> nn.Module:
     if is_gpt2_config(cfg):
         return _build_gpt2_clip(cfg, precision, device)
     root, quiet = logging.getLogger(), _NoRandomInitWarning()
@@ -79,6 +87,7 @@ def _build(name: str, cfg: dict[str, Any], precision: str, device: torch.device)
         # pretrained_image=False keeps open_clip from asking timm to download trunk weights.
         return text_trim.adopt(open_clip.create_model(
             name, pretrained=None, precision=precision, device=device, output_dict=True, pretrained_image=False,
+            **model_kwargs,
         ))
     finally:
         root.removeFilter(quiet)
@@ -122,11 +131,13 @@ def create_model(
         device: str | torch.device = "cpu",
         cache_dir: str | None = None,
         trust_checkpoint: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """Build `name` (forward returns a dict) and load the given local weights; see LoadReport for results.
     Torch weight files are read weights-only (no arbitrary unpickling) unless trust_checkpoint.
 
     cache_dir is accepted for CLI symmetry with open_clip; nothing is downloaded, so it is unused.
+    model_kwargs override the config's model arguments, as open_clip's (e.g. `loss_model_kwargs`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -136,7 +147,7 @@ def create_model(
         raise ValueError("weights cannot be loaded into a model on the meta device")
     # On 'meta' the model is only a shape skeleton (e.g. for parameter counting), built without memory.
     with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
-        model = _build(name, cfg, precision, device)
+        model = _build(name, dict(cfg, **(model_kwargs or {})), precision, device, model_kwargs or {})
     report = _load_weights(
         model, is_gpt2_config(cfg), pretrained, pretrained_image, pretrained_image_path, pretrained_text_path,
         trust_checkpoint,
