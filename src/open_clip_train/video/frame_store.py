@@ -11,7 +11,8 @@ sequential read, and MSR-VTT's 320x240 clips at 12 frames take ~28 GB for all 10
 `short_side` when extracting from larger videos to bound the size.
 
 Extraction shards the videos by rank (contiguous blocks; torchrun sets RANK / WORLD_SIZE), writes
-each file atomically and skips videos already stored, so an interrupted run resumes.
+each file atomically and skips videos already stored or recorded as bad, so an interrupted run
+resumes (delete the bad-*.jsonl files to retry the bad ones).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def extract(video_ids: Iterable[str], video_dir: str | Path, store: str | Path, 
     mine = ids[contiguous_shard(len(ids), rank, world_size)]
     report = ExtractReport()
     bad_path = store / f"bad-{rank}.jsonl"
-    known_bad = _read_bad_file(bad_path)
+    known_bad = read_bad(store)  # from any earlier layout of ranks; delete bad-*.jsonl to retry them
     with bad_path.open("a") as bad_log:
         for n, vid in enumerate(mine):
             if frame_file(store, vid).exists() or vid in known_bad:
@@ -145,13 +146,12 @@ class StoredFrames:
         self.bad = read_bad(self.store)
 
     def load(self, video_id: str) -> np.ndarray:
-        if video_id in self.bad:
-            raise BadVideo(self.bad[video_id], self.name(video_id))
         try:
-            frames = np.load(frame_file(self.store, video_id))
+            return np.load(frame_file(self.store, video_id))
         except FileNotFoundError:
-            raise BadVideo(MISSING, f"{self.name(video_id)} (not extracted)") from None
-        return frames
+            reason = self.bad.get(video_id)
+            raise BadVideo(reason or MISSING, f"{self.name(video_id)}"
+                           f"{' (bad at extraction)' if reason else ' (not extracted)'}") from None
 
     def name(self, video_id: str) -> str:
         return str(frame_file(self.store, video_id))
