@@ -64,9 +64,19 @@ def _frames_tensor(frames: np.ndarray, transform: Callable, max_frames: int) -> 
     return pad_frames(stacked, max_frames)
 
 
+def _transform_size(transform: Callable, default: int = 224) -> int:
+    """The first size a (torchvision Compose) transform resizes or crops to."""
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        if isinstance(size, int) or (isinstance(size, (tuple, list)) and size):
+            return int(size) if isinstance(size, int) else int(max(size))
+    return default
+
+
 def _blank(transform: Callable, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero frames with an all-False mask except frame 0 (pooling needs one frame): a stand-in."""
-    one = transform(Image.new("RGB", (32, 32)))
+    """A stand-in: black frames at the transform's size, mask True on frame 0 only (pooling needs one)."""
+    size = _transform_size(transform)
+    one = transform(Image.new("RGB", (size, size)))
     frames = one.new_zeros((max_frames, *one.shape))
     mask = torch.zeros(max_frames, dtype=torch.bool)
     mask[0] = True
