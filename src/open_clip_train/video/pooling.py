@@ -5,7 +5,8 @@
   attention blocks over the frames (padded frames masked as keys), a residual back to the input;
   then `mean`. Initialised as CLIP4Clip does: the blocks are copies of the text tower's first
   blocks and the position embeddings its first positional embeddings, when the text width equals
-  the embedding width (else a fresh open_clip block, position embeddings zero).
+  the embedding width (blocks beyond the text tower's depth, or all when the widths differ, are
+  fresh open_clip blocks; position embeddings then start at zero).
 * `afa`: TeachCLIP's attentional frame-feature aggregation: fc1 (D->D), ReLU, fc2 (D->1) score each
   frame; weights = softmax(score / 0.1) over the real frames; video = weighted sum of the
   normalised frame features, normalised. TeachCLIP scores padded frames too; here they get weight 0.
@@ -60,13 +61,12 @@ class TemporalTransformer(nn.Module):
         from open_clip.transformer import ResidualAttentionBlock
 
         self.position_embeddings = nn.Parameter(torch.zeros(max_frames, width))
-        if text_blocks is not None and len(text_blocks) >= layers:
-            self.blocks = nn.ModuleList(copy.deepcopy(text_blocks[i]) for i in range(layers))
-            self.init_from = "text"
-        else:
-            heads = heads or max(1, width // 64)
-            self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
-            self.init_from = "random"
+        heads = heads or max(1, width // 64)
+        copied = min(layers, len(text_blocks)) if text_blocks is not None else 0
+        self.blocks = nn.ModuleList(
+            copy.deepcopy(text_blocks[i]) if i < copied else ResidualAttentionBlock(width, heads)
+            for i in range(layers))
+        self.init_from = f"{copied} text blocks + {layers - copied} new"
         if text_positions is not None and text_positions.shape[0] >= max_frames:
             with torch.no_grad():
                 self.position_embeddings.copy_(text_positions[:max_frames])
