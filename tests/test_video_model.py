@@ -1,11 +1,20 @@
 """Pooling on hand-computed inputs, padded frames ignored, and the video wrapper on a tiny model."""
 import math
 
+import numpy as np
+import open_clip
 import pytest
 import torch
 from open_clip.loss import ClipLoss
 
+from open_clip_train.data.bad_samples import MISSING, BadTally
+from open_clip_train.distributed import World
 from open_clip_train.models import create_model
+from open_clip_train.video.dataset import build_eval, frame_transform
+from open_clip_train.video.evaluation import evaluate_video_retrieval
+from open_clip_train.video.frames import BadVideo
+from open_clip_train.video.metrics import video_retrieval_metrics
+from open_clip_train.video.msrvtt import VideoCaptions
 from open_clip_train.video.model import VIDEO_PREFIX, VideoModelCfg, attach_video, video_param_names
 from open_clip_train.video.pooling import POOLINGS, VideoPool
 
@@ -176,3 +185,33 @@ def test_unlocked_tower_trains_and_grad_checkpointing_gives_the_same_grads():
         assert any(g.abs().sum() > 0 for g in grads[-1].values())
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+def test_evaluation_leaves_bad_videos_out_and_matches_direct_metrics():
+    class Frames:
+        def load(self, vid):
+            if vid == "video1":
+                raise BadVideo(MISSING, vid)
+            k = int(vid[5:])
+            return np.random.default_rng(k).integers(0, 256, (k % 3 + 1, 64, 64, 3), dtype=np.uint8)
+
+        def name(self, vid):
+            return vid
+
+    model = _tiny("mean").eval()
+    vids = [f"video{k}" for k in range(5)]
+    split = VideoCaptions(vids, [[f"caption {k} {j}" for j in range(k % 2 + 1)] for k in range(5)],
+                          [list(range(k % 2 + 1)) for k in range(5)])
+    data = build_eval(split, Frames(), frame_transform(model), open_clip.get_tokenizer("RN50", context_length=32), 4)
+    bad = BadTally()
+    got = evaluate_video_retrieval(model, data, World(), torch.device("cpu"), "fp32", 2, 0, chunk_size=2, bad=bad)
+    assert bad.total == 1 and got["num_bad_videos"] == 1 and got["msrvtt_num_videos"] == 4
+    good = [0, 2, 3, 4]
+    with torch.no_grad():
+        items = [data.videos[i] for i in good]
+        vf = model.encode_video(torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]))
+        keep = torch.isin(data.text_to_video, torch.tensor(good))
+        tf = torch.nn.functional.normalize(model.encode_text(data.texts[keep]), dim=-1)
+    t2v = torch.searchsorted(torch.tensor(good), data.text_to_video[keep])
+    assert got == pytest.approx(video_retrieval_metrics(vf, tf, t2v, num_bad_videos=1))
+    assert got["msrvtt_num_captions"] == int(keep.sum()) == 5

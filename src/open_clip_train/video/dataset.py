@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.bad_samples import EMPTY_CAPTION, BadImage, BadSample, BadTally, collate
 from ..data.sampler import GlobalBatchSampler, SharedEpoch, contiguous_shard, sample_seed, seeded_rng
+from .frames import pad_frames
 from .msrvtt import VideoCaptions
 
 FALLBACK_TRIES = 8  # substitutes drawn for a bad sample before black frames stand in
@@ -58,8 +59,6 @@ class WordLimitedTokenizer:
 
 
 def _frames_tensor(frames: np.ndarray, transform: Callable, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .frames import pad_frames
-
     stacked = torch.stack([transform(Image.fromarray(f)) for f in frames])
     return pad_frames(stacked, max_frames)
 
