@@ -22,7 +22,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), 
 SHAPES = ("square", "circle")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 PHRASES = {"right": "from left to right", "left": "from right to left", "down": "downwards", "up": "upwards"}
-SIZE, FPS, OBJECT = 64, 15, 14
+SIZE, FPS, OBJECT = 64, 15, 18
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, crf: int = 18) -> None:
@@ -81,7 +81,7 @@ def write_demo(out: str | Path, num_train: int = 300, num_test: int = 60, seed: 
         vid = f"video{k}"
         colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS))
         seconds = rng.choice((2.0, 2.5, 3.0, 3.5, 4.0))
-        background = tuple(rng.randrange(40, 120) for _ in range(3))
+        background = tuple(rng.randrange(20, 60) for _ in range(3))  # dark, varied a little
         frames = render_clip(colour, shape, direction, seconds, background, rng.randrange(-12, 13))
         write_video(out / "videos" / f"{vid}.mp4", frames)
         split = "test" if k >= num_train else ("train" if k < num_7k * 0.85 else "validate" if k < num_7k else "train")

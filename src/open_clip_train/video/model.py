@@ -105,7 +105,8 @@ def _text_init(model: nn.Module, width: int) -> tuple[nn.ModuleList | None, torc
     """The text tower's residual blocks and positional embeddings, when they fit `width`."""
     from open_clip.transformer import ResidualAttentionBlock
 
-    owner = getattr(model, "text", None) or model
+    text = getattr(model, "text", None)
+    owner = text if text is not None else model  # CustomTextCLIP keeps its tower in .text, CLIP at the top
     blocks = getattr(getattr(owner, "transformer", None), "resblocks", None)
     positions = getattr(owner, "positional_embedding", None)
     fits = blocks is not None and all(isinstance(b, ResidualAttentionBlock) for b in blocks) \
