@@ -3,8 +3,8 @@
 
     python benchmarks/bench_video_data.py [--num-clips 120] [--repeats 3]
 
-Two data sets: the demo clips (`demo_video_data`: 2-4 s, 15 fps, 64x64) and a few MSR-VTT-sized
-clips (15 s, 30 fps, 320x240, moving noise texture), each read once from mp4 (PyAV, sampled frames
+Two data sets: the demo clips (`demo_video_data`: 2-4 s, 15 fps, 64x64, MPEG-4 Part 2) and a few
+MSR-VTT-sized H.264 clips (15 s, 30 fps, 320x240, moving noise texture), each read once from mp4 (PyAV, sampled frames
 only) and once from a store written by `extract_frames`. A read is what a training item costs:
 frames -> the tower's eval transform (tiny-convnext-cliptext: 64 px) -> padded [12, 3, 64, 64] +
 mask. One process, no workers; runs alternate, medians reported. Writes benchmarks/results-video.md.
@@ -40,13 +40,13 @@ def tower_transform():
 
 
 def msrvtt_like(video_dir: Path, n: int, seed: int = 0) -> list[str]:
-    """n clips of 15 s at 30 fps, 320x240: a noise texture sliding sideways (hard to compress, like video)."""
+    """n H.264 clips of 15 s at 30 fps, 320x240 (as MSR-VTT's): a noise texture sliding sideways."""
     rng = np.random.default_rng(seed)
     ids = []
     for k in range(n):
         texture = rng.integers(0, 256, (240, 640, 3), dtype=np.uint8)
         frames = np.stack([texture[:, i % 320: i % 320 + 320] for i in range(450)])
-        write_video(video_dir / f"long{k}.mp4", frames, fps=30, crf=23)
+        write_video(video_dir / f"long{k}.mp4", frames, fps=30, quality=23, codec="libx264")
         ids.append(f"long{k}")
     return ids
 

@@ -44,10 +44,11 @@ def test_sample_indices_one_per_second_then_linspace():
     assert sample_indices(0, 30, FrameSpec()) == []
 
 
-@pytest.mark.parametrize("n, fps, max_frames", [(60, 10, 12), (150, 10, 4), (23, 5, 12)])
-def test_decoded_frames_are_the_sampled_indices(tmp_path, n, fps, max_frames):
+@pytest.mark.parametrize("n, fps, max_frames, codec", [(60, 10, 12, "mpeg4"), (150, 10, 4, "mpeg4"),
+                                                      (23, 5, 12, "mpeg4"), (150, 30, 12, "libx264")])
+def test_decoded_frames_are_the_sampled_indices(tmp_path, n, fps, max_frames, codec):
     path = tmp_path / "clip.mp4"
-    write_video(path, index_clip(n), fps=fps, crf=0)
+    write_video(path, index_clip(n), fps=fps, quality=1, codec=codec)
     spec = FrameSpec(max_frames=max_frames)
     frames = decode_frames(path, spec)
     assert [read_index(f) for f in frames] == sample_indices(n, fps, spec)
@@ -55,7 +56,7 @@ def test_decoded_frames_are_the_sampled_indices(tmp_path, n, fps, max_frames):
 
 def test_short_clip_is_padded_with_a_mask(tmp_path):
     path = tmp_path / "short.mp4"
-    write_video(path, index_clip(25), fps=10, crf=0)  # 2.5 s -> frames 0, 10, 20
+    write_video(path, index_clip(25), fps=10, quality=1)  # 2.5 s -> frames 0, 10, 20
     frames = torch.from_numpy(decode_frames(path, FrameSpec())).permute(0, 3, 1, 2)
     padded, mask = pad_frames(frames, 12)
     assert padded.shape == (12, 3, 32, W)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +26,38 @@ PHRASES = {"right": "from left to right", "left": "from right to left", "down": 
 SIZE, FPS, OBJECT = 64, 15, 18
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, crf: int = 18) -> None:
-    """uint8 [n, H, W, 3] RGB -> H.264 mp4 (yuv420p), single-threaded so the bytes are reproducible."""
+def write_video(path: str | Path, frames: np.ndarray, fps: int = FPS, quality: int = 2, codec: str = "mpeg4") -> None:
+    """uint8 [n, H, W, 3] RGB (even H and W) -> an .mp4 (yuv420p). mpeg4 (MPEG-4 Part 2, `quality` =
+    qscale, 1 = best): FFmpeg's own single-threaded encoder writes byte-identical files for the same
+    frames, which libx264 occasionally did not within one process. libx264 (`quality` = crf) is what
+    MSR-VTT's files use, for benchmarks."""
     import av
 
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        stream.options = {"qscale": str(quality)} if codec == "mpeg4" else {"crf": str(quality), "threads": "1"}
         stream.codec_context.thread_count = 1
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(f), format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range planar YUV 4:2:0 as PyAV's [H * 3 / 2, W] layout, computed here so the
+    encoder's input never depends on the converter's code path (byte-identical files per seed)."""
+    x = rgb.astype(np.float64)
+    y = 16 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255
+    u = 128 + (-37.797 * x[..., 0] - 74.203 * x[..., 1] + 112.0 * x[..., 2]) / 255
+    v = 128 + (112.0 * x[..., 0] - 93.786 * x[..., 1] - 18.214 * x[..., 2]) / 255
+    h, w = y.shape
+    sub = lambda c: c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(h // 4, w)  # noqa: E731
+    planes = np.concatenate([y, sub(u), sub(v)])
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
 
 
 def render_clip(colour: str, shape: str, direction: str, seconds: float, background: tuple[int, int, int],
