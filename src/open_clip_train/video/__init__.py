@@ -3,7 +3,7 @@
 msrvtt (annotations -> VideoCaptions), frames (sampling, PyAV decoding, padding), frame_store
 (one-time extracted frames; LiveFrames / StoredFrames sources), dataset (training and evaluation
 data), pooling (mean / seqtransf / afa), model (attach_video: the VideoCLIP methods), metrics
-(T2V / V2T ranks and results.jsonl keys), demo (synthetic moving-shape clips).
+(T2V / V2T ranks and results.jsonl keys), evaluation (across ranks), demo (synthetic clips).
 """
 from .frames import BadVideo, FrameSpec
 from .metrics import format_seed, video_retrieval_metrics
