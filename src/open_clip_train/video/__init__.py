@@ -1,0 +1,1 @@
+"""Video-text retrieval: data, frame pooling, teachers and the TeachCLIP distillation objective."""
