@@ -83,6 +83,11 @@ class VideoTeacher(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """Features and heads run in fp32 under a half-precision teacher, else in its dtype."""
+        return self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+
     def logit_scale(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -104,7 +109,9 @@ class VideoTeacher(nn.Module):
 
     def relevance(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
         with torch.no_grad():
-            return sentence_frame_relevance(video, text)
+            dt = self.head_dtype
+            return sentence_frame_relevance(VideoFeatures(video.frames.to(dt), video.video.to(dt), video.mask),
+                                            TextFeatures(text.sentence.to(dt), text.words))
 
     def _frames_in(self, frames: torch.Tensor, mask: torch.Tensor):
         if frames.ndim != 5 or mask.shape != frames.shape[:2]:
@@ -137,14 +144,14 @@ class OpenClipFrameTeacher(VideoTeacher):
         return cls(image_teacher.model, name=name, weights_path=str(pretrained), **kw)
 
     def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.detach().float().exp()
+        return self.model.logit_scale.detach().to(self.head_dtype).exp()
 
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, H, W] -> normalised [B, T, D] (every frame, padded ones too)."""
         b, t = frames.shape[:2]
         flat = frames.reshape(b * t, *frames.shape[2:])
         out = [self.model.encode_image(chunk, normalize=True) for chunk in flat.split(self.frame_batch)]
-        return torch.cat(out).float().reshape(b, t, -1)
+        return torch.cat(out).to(self.head_dtype).reshape(b, t, -1)
 
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> VideoFeatures:
         frames, mask = self._frames_in(frames, mask)
@@ -154,11 +161,12 @@ class OpenClipFrameTeacher(VideoTeacher):
 
     def encode_text(self, tokens: torch.Tensor) -> TextFeatures:
         with torch.no_grad():
-            return TextFeatures(self.model.encode_text(tokens.to(self.device), normalize=True).float())
+            return TextFeatures(self.model.encode_text(tokens.to(self.device), normalize=True).to(self.head_dtype))
 
     def similarity(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
         with torch.no_grad():
-            return self.logit_scale().to(text.sentence.device) * text.sentence.float() @ video.video.float().T
+            dt = self.head_dtype
+            return self.logit_scale().to(text.sentence.device) * text.sentence.to(dt) @ video.video.to(dt).T
 
     def meta(self) -> Dict[str, Any]:
         return {"kind": "open_clip", "model": self.name, "weights": self.weights_path,

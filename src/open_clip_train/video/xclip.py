@@ -204,7 +204,7 @@ class XClipTeacher(VideoTeacher):
 
     # ------------------------------------------------------------------ encoders
     def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.detach().float().exp()
+        return self.clip.logit_scale.detach().to(self.head_dtype).exp()
 
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> VideoFeatures:
         frames, mask = self._frames_in(frames, mask)
@@ -213,11 +213,11 @@ class XClipTeacher(VideoTeacher):
             raise ValueError(f"X-CLIP teacher takes exactly max_frames={self.max_frames} frames per video "
                              f"(pad with mask False), got {t}")
         with torch.no_grad():
-            raw = self.clip.encode_image(frames.reshape(b * t, *frames.shape[2:])).float().reshape(b, t, -1)
+            raw = self.clip.encode_image(frames.reshape(b * t, *frames.shape[2:])).to(self.head_dtype).reshape(b, t, -1)
             x = raw
             if self.seq_transf:
-                x = raw + self.frame_position_embeddings.weight[:t].float()
-                additive = (1.0 - mask.float()).unsqueeze(1).expand(-1, t, -1) * -1000000.0
+                x = raw + self.frame_position_embeddings.weight[:t].to(raw.dtype)
+                additive = (1.0 - mask.to(raw.dtype)).unsqueeze(1).expand(-1, t, -1) * -1000000.0
                 x = self.transformerClip(x.transpose(0, 1), additive).transpose(0, 1) + raw
             video = F.normalize(masked_mean(F.normalize(x, dim=-1), mask), dim=-1)
             return VideoFeatures(F.normalize(raw, dim=-1), video, mask)
@@ -233,7 +233,7 @@ class XClipTeacher(VideoTeacher):
             x = clip.token_embedding(tokens) + clip.positional_embedding[:n]
             # the causal mask makes the first n positions independent of any later padding
             x = clip.transformer(x, attn_mask=clip.attn_mask[:n, :n])
-            hidden = (clip.ln_final(x) @ clip.text_projection).float()
+            hidden = (clip.ln_final(x) @ clip.text_projection).to(self.head_dtype)
             sentence = hidden[torch.arange(hidden.shape[0], device=hidden.device), tokens.argmax(dim=-1)]
             return TextFeatures(F.normalize(sentence, dim=-1), F.normalize(hidden, dim=-1))
 
@@ -242,8 +242,9 @@ class XClipTeacher(VideoTeacher):
         if text.words is None:
             raise ValueError("X-CLIP's similarity needs the captions' word features (cache built without words?)")
         with torch.no_grad():
-            return self._loose_similarity(text.sentence.float(), text.words.float(), video.video.float(),
-                                          video.frames.float())
+            dt = self.head_dtype
+            return self._loose_similarity(text.sentence.to(dt), text.words.to(dt), video.video.to(dt),
+                                          video.frames.to(dt))
 
     def _loose_similarity(self, sent: torch.Tensor, words: torch.Tensor, video: torch.Tensor,
                           frames: torch.Tensor) -> torch.Tensor:
