@@ -17,7 +17,7 @@ student's backward).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +63,30 @@ def sentence_frame_relevance(video: VideoFeatures, text: TextFeatures) -> torch.
     return masked_softmax(cos, video.mask.bool())
 
 
+def cosine_similarity(head: Mapping[str, torch.Tensor], video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+    """exp(logit_scale) x cosine of sentence and video features -> [B_text, B_video]."""
+    scale = head["logit_scale"]
+    dt = scale.dtype if scale.dtype in (torch.float32, torch.float64) else torch.float32
+    with torch.no_grad():
+        return scale.to(text.sentence.device, dt).exp() * text.sentence.to(dt) @ video.video.to(dt).T
+
+
+def head_similarity(kind: str, head: Mapping[str, torch.Tensor], video: VideoFeatures,
+                    text: TextFeatures) -> torch.Tensor:
+    """A teacher's similarity from its head tensors alone: what a cached teacher runs per batch."""
+    if kind == "open_clip":
+        return cosine_similarity(head, video, text)
+    if kind == "xclip":
+        from .xclip import loose_similarity
+        return loose_similarity(head, video, text)
+    raise ValueError(f"unknown video teacher kind {kind!r}; expected 'open_clip' or 'xclip'")
+
+
 class VideoTeacher(nn.Module):
     """Base class: freezing, eval-only mode, device/dtype; subclasses give the encoders and head."""
 
     needs_words = False  # whether similarity() uses TextFeatures.words
+    kind = ""  # names the similarity head (head_similarity)
 
     def _freeze(self) -> None:
         self.requires_grad_(False)
@@ -97,8 +117,13 @@ class VideoTeacher(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> TextFeatures:
         raise NotImplementedError
 
-    def similarity(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+    def head_state(self) -> Dict[str, torch.Tensor]:
+        """The similarity head's tensors (what a feature cache stores beside the features)."""
         raise NotImplementedError
+
+    def similarity(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+        """[B_text, B_video] logits, the teacher's logit scale applied."""
+        return head_similarity(self.kind, self.head_state(), video, text)
 
     def meta(self) -> Dict[str, Any]:
         """The teacher's provenance for a cache manifest."""
@@ -127,6 +152,8 @@ class OpenClipFrameTeacher(VideoTeacher):
     frame features; similarity = cosine x its logit scale.
 
     `frame_batch` bounds how many frames go through the image tower at once (memory)."""
+
+    kind = "open_clip"
 
     def __init__(self, model: nn.Module, *, name: str = "", weights_path: Optional[str] = None,
                  frame_batch: int = 256):
@@ -163,11 +190,9 @@ class OpenClipFrameTeacher(VideoTeacher):
         with torch.no_grad():
             return TextFeatures(self.model.encode_text(tokens.to(self.device), normalize=True).to(self.head_dtype))
 
-    def similarity(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
-        with torch.no_grad():
-            dt = self.head_dtype
-            return self.logit_scale().to(text.sentence.device) * text.sentence.to(dt) @ video.video.to(dt).T
+    def head_state(self) -> Dict[str, torch.Tensor]:
+        return {"logit_scale": self.model.logit_scale.detach().to(self.head_dtype)}
 
     def meta(self) -> Dict[str, Any]:
-        return {"kind": "open_clip", "model": self.name, "weights": self.weights_path,
+        return {"kind": self.kind, "model": self.name, "weights": self.weights_path,
                 "logit_scale": float(self.logit_scale())}

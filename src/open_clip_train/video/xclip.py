@@ -145,6 +145,7 @@ class XClipTeacher(VideoTeacher):
     """X-CLIP's encoders and loose similarity head; see the module docstring."""
 
     needs_words = True
+    kind = "xclip"
 
     def __init__(self, clip: nn.Module, *, max_frames: int, max_words: int, temporal_layers: int,
                  temporal_positions: int, name: str = "xclip", weights_path: Optional[str] = None):
@@ -238,39 +239,47 @@ class XClipTeacher(VideoTeacher):
             return TextFeatures(F.normalize(sentence, dim=-1), F.normalize(hidden, dim=-1))
 
     # ------------------------------------------------------------------ head
-    def similarity(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
-        if text.words is None:
-            raise ValueError("X-CLIP's similarity needs the captions' word features (cache built without words?)")
-        with torch.no_grad():
-            dt = self.head_dtype
-            return self._loose_similarity(text.sentence.to(dt), text.words.to(dt), video.video.to(dt),
-                                          video.frames.to(dt))
-
-    def _loose_similarity(self, sent: torch.Tensor, words: torch.Tensor, video: torch.Tensor,
-                          frames: torch.Tensor) -> torch.Tensor:
-        """sent [Bt, D], words [Bt, W, D], video [Bv, D], frames [Bv, T, D] -> [Bt, Bv]."""
-        tau = SOFTMAX_TEMPERATURE
-        video_sentence = sent @ self.global_mat_weight @ video.T
-        # video-word: attention over the words of each caption, per video
-        wv = torch.einsum("twd,vd->tvw", words, video)
-        video_word = ((wv / tau).softmax(-1) @ self.word_logit_weight * wv).sum(-1)
-        # sentence-frame: attention over the frames of each video, per caption
-        sf = torch.einsum("td,vfd->tvf", sent, frames)
-        sentence_frame = ((sf / tau).softmax(-1) @ self.frame_logit_weight * sf).sum(-1)
-        frame_word = self._frame_word(words, frames)
-        return self.logit_scale().to(sent.device) * (video_sentence + video_word + sentence_frame + frame_word) / 4
-
-    def _frame_word(self, words: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """X-CLIP's attention over the fine-grained [Bt, W, Bv, T] word-frame similarity."""
-        tau = SOFTMAX_TEMPERATURE
-        s = torch.einsum("twd,de,vfe->tvwf", words, self.local_mat_weight, frames)  # [Bt, Bv, W, T]
-        over_words = (s / tau).softmax(2).transpose(2, 3) @ self.word_mat_weight  # [Bt, Bv, T, W]
-        word_level = (over_words.transpose(2, 3) * s).sum(2)  # [Bt, Bv, T]
-        frame_level = ((s / tau).softmax(3) @ self.frame_mat_weight * s).sum(3)  # [Bt, Bv, W]
-        sent2frame = ((word_level / tau).softmax(-1) @ self.frame_mat_weight2 * word_level).sum(-1)
-        video2word = ((frame_level / tau).softmax(-1) @ self.word_mat_weight2 * frame_level).sum(-1)
-        return (sent2frame + video2word) / 2
+    def head_state(self) -> Dict[str, torch.Tensor]:
+        state = {n: getattr(self, n).detach() for n in _D_MATS + _W_MATS + _T_MATS}
+        state["logit_scale"] = self.clip.logit_scale.detach()
+        return state
 
     def meta(self) -> Dict[str, Any]:
-        return {"kind": "xclip", "model": self.name, "weights": self.weights_path,
+        return {"kind": self.kind, "model": self.name, "weights": self.weights_path,
                 "logit_scale": float(self.logit_scale()), "max_frames": self.max_frames, "max_words": self.max_words}
+
+
+def loose_similarity(head: Mapping[str, torch.Tensor], video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+    """X-CLIP's `_loose_similarity` on normalised features -> [B_text, B_video] logits.
+
+    head: the eight matrices and `logit_scale` (log value), as XClipTeacher.head_state()."""
+    if text.words is None:
+        raise ValueError("X-CLIP's similarity needs the captions' word features (cache built without words?)")
+    dt = head["global_mat_weight"].dtype
+    dt = dt if dt in (torch.float32, torch.float64) else torch.float32
+    h = {k: v.to(text.sentence.device, dt) for k, v in head.items()}
+    sent, words = text.sentence.to(dt), text.words.to(dt)
+    video_feat, frames = video.video.to(dt), video.frames.to(dt)
+    tau = SOFTMAX_TEMPERATURE
+    with torch.no_grad():
+        video_sentence = sent @ h["global_mat_weight"] @ video_feat.T
+        # video-word: attention over the words of each caption, per video
+        wv = torch.einsum("twd,vd->tvw", words, video_feat)
+        video_word = ((wv / tau).softmax(-1) @ h["word_logit_weight"] * wv).sum(-1)
+        # sentence-frame: attention over the frames of each video, per caption
+        sf = torch.einsum("td,vfd->tvf", sent, frames)
+        sentence_frame = ((sf / tau).softmax(-1) @ h["frame_logit_weight"] * sf).sum(-1)
+        frame_word = _frame_word(h, words, frames)
+        return h["logit_scale"].exp() * (video_sentence + video_word + sentence_frame + frame_word) / 4
+
+
+def _frame_word(h: Mapping[str, torch.Tensor], words: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """X-CLIP's attention over the fine-grained word-frame similarity [Bt, Bv, W, T]."""
+    tau = SOFTMAX_TEMPERATURE
+    s = torch.einsum("twd,de,vfe->tvwf", words, h["local_mat_weight"], frames)
+    over_words = (s / tau).softmax(2).transpose(2, 3) @ h["word_mat_weight"]  # [Bt, Bv, T, W]
+    word_level = (over_words.transpose(2, 3) * s).sum(2)  # [Bt, Bv, T]
+    frame_level = ((s / tau).softmax(3) @ h["frame_mat_weight"] * s).sum(3)  # [Bt, Bv, W]
+    sent2frame = ((word_level / tau).softmax(-1) @ h["frame_mat_weight2"] * word_level).sum(-1)
+    video2word = ((frame_level / tau).softmax(-1) @ h["word_mat_weight2"] * frame_level).sum(-1)
+    return (sent2frame + video2word) / 2
