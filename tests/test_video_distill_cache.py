@@ -2,7 +2,6 @@
 (exact with a float32 cache; the fp16 cache equals the live teacher on fp16-rounded features)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
