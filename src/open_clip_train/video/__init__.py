@@ -4,6 +4,10 @@ msrvtt (annotations -> VideoCaptions), frames (sampling, PyAV decoding, padding)
 (one-time extracted frames; LiveFrames / StoredFrames sources), dataset (training and evaluation
 data), pooling (mean / seqtransf / afa), model (attach_video: the VideoCLIP methods), metrics
 (T2V / V2T ranks and results.jsonl keys), evaluation (across ranks), demo (synthetic clips).
+
+TeachCLIP distillation: distill_loss (ground truth + coarse + fine terms), teacher (the video
+teacher interface, per-frame open_clip teacher), xclip (an X-CLIP checkpoint as a teacher),
+teacher_cache (pre-extracted teacher features), feature_cache (frozen-encoder outputs).
 """
 from .frames import BadVideo, FrameSpec
 from .metrics import format_seed, video_retrieval_metrics
