@@ -1,6 +1,8 @@
 """A tiny COCO-captions-style dataset of rendered shape scenes, for CPU demos and tests.
 
     python -m open_clip_train.demo_data OUT_DIR [--num-train N] [--num-val M] [--image-size S] [--seed K]
+    python -m open_clip_train.demo_data [OUT_DIR] --zeroshot-out DIR [--zeroshot-by shape|colour]
+                                        [--zeroshot-per-class N]
 
 Each image shows 1-3 coloured shapes at distinct positions (left/right/top/bottom/centre),
 small or large, on a plain background. Its 5 captions name every object's colour and
@@ -8,6 +10,11 @@ shape, in varied templates, orders and synonyms, some adding positions, sizes, t
 or the background. 8 colours x 6 shapes x 5 positions x 2 sizes per object make most
 captions identify their image among a few hundred, yet a tiny CLIP learns it in minutes.
 Output is deterministic given the seed: every image has its own RNG keyed by (seed, id).
+
+`--zeroshot-out DIR` also writes a labelled ImageFolder for zero-shot evaluation
+(`--zeroshot-data DIR --zeroshot-classnames DIR/classnames.txt --zeroshot-templates
+DIR/templates.txt`): one-object scenes filed by the object's shape (or colour), one folder per
+class, with the class names and prompt templates in the captions' vocabulary.
 """
 from __future__ import annotations
 
@@ -253,6 +260,49 @@ def generate(out_dir: str | Path, num_train: int = 2000, num_val: int = 250, ima
     return DemoPaths(root, train, val, root / "train2017", root / "val2017")
 
 
+ZEROSHOT_BY = ("shape", "colour")
+ZEROSHOT_TEMPLATES = {
+    "shape": ("a picture of a {}", "a single {} on a plain background", "an image showing a {}", "there is a {}"),
+    "colour": ("a picture of a {} shape", "a single {} object on a plain background", "an image showing a {} figure",
+               "there is a {} shape"),
+}
+
+
+def zeroshot_scene(by: str, label: str, rng: random.Random) -> Scene:
+    """One object whose `by` attribute is `label`; everything else random (colour never the background's)."""
+    if by == "shape":
+        background = rng.choice(sorted(BACKGROUNDS))
+        colour = rng.choice([c for c in sorted(COLOURS) if c != background])
+        shape = label
+    else:
+        background = rng.choice([b for b in sorted(BACKGROUNDS) if b != label])
+        colour, shape = label, rng.choice(sorted(SHAPE_WORDS))
+    return Scene(background, (Obj(shape, colour, rng.choice(sorted(POSITIONS)), rng.choice(sorted(SIZES))),))
+
+
+def zeroshot_rng(seed: int, by: str, label: str, k: int) -> random.Random:
+    """Image k of class `label`'s own stream: independent of --zeroshot-per-class."""
+    return random.Random(f"{seed}:zeroshot:{by}:{label}:{k}")
+
+
+def generate_zeroshot(out_dir: str | Path, by: str = "shape", per_class: int = 20, image_size: int = 64,
+                      seed: int = 0) -> Path:
+    """Write DIR/<class>/<k>.jpg, DIR/classnames.txt (the folders' sorted order) and DIR/templates.txt."""
+    if by not in ZEROSHOT_BY:
+        raise ValueError(f"by must be one of {ZEROSHOT_BY}, got {by!r}")
+    root = Path(out_dir)
+    classes = sorted(SHAPE_WORDS) if by == "shape" else sorted(COLOURS)
+    for label in classes:
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            rng = zeroshot_rng(seed, by, label, k)
+            render(zeroshot_scene(by, label, rng), image_size, rng).save(folder / f"{k:06d}.jpg", quality=90)
+    (root / "classnames.txt").write_text("".join(f"{c}\n" for c in classes))
+    (root / "templates.txt").write_text("".join(f"{t}\n" for t in ZEROSHOT_TEMPLATES[by]))
+    return root
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one clear line, exit 2 (argparse prints usage too)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -260,12 +310,20 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = _OneLineParser(prog="python -m open_clip_train.demo_data", description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", nargs="?", default=None, help="the COCO-layout captioned dataset")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=250)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zeroshot-out", default=None, metavar="DIR",
+                        help="also write a labelled ImageFolder of one-object scenes for --zeroshot-data")
+    parser.add_argument("--zeroshot-by", choices=ZEROSHOT_BY, default="shape", help="what the classes are")
+    parser.add_argument("--zeroshot-per-class", type=int, default=20, metavar="N", help="images per class")
     args = parser.parse_args(argv)
+    if args.out_dir is None and args.zeroshot_out is None:
+        parser.error("give OUT_DIR (the captioned dataset), --zeroshot-out DIR, or both")
+    if args.zeroshot_per_class < 1:
+        parser.error(f"--zeroshot-per-class must be >= 1, got {args.zeroshot_per_class}")
     if not 1 <= args.num_train < VAL_ID_BASE:
         parser.error(f"--num-train must be between 1 and {VAL_ID_BASE - 1}, got {args.num_train}")
     if args.num_val < 1:
@@ -274,17 +332,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--image-size must be between 16 and 1024, got {args.image_size}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    if Path(args.out_dir).is_file():
-        parser.error(f"{args.out_dir} is a file, not a directory")
+    for d in (args.out_dir, args.zeroshot_out):
+        if d is not None and Path(d).is_file():
+            parser.error(f"{d} is a file, not a directory")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     start = time.perf_counter()
-    paths = generate(args.out_dir, args.num_train, args.num_val, args.image_size, args.seed)
-    print(f"wrote {args.num_train} train + {args.num_val} val images ({args.image_size}px, "
-          f"{CAPTIONS_PER_IMAGE} captions each) to {paths.root} in {time.perf_counter() - start:.1f}s")
+    if args.out_dir is not None:
+        paths = generate(args.out_dir, args.num_train, args.num_val, args.image_size, args.seed)
+        print(f"wrote {args.num_train} train + {args.num_val} val images ({args.image_size}px, "
+              f"{CAPTIONS_PER_IMAGE} captions each) to {paths.root} in {time.perf_counter() - start:.1f}s")
+    if args.zeroshot_out is not None:
+        root = generate_zeroshot(args.zeroshot_out, args.zeroshot_by, args.zeroshot_per_class, args.image_size, args.seed)
+        n = len((root / "classnames.txt").read_text().split())
+        print(f"wrote a zero-shot ImageFolder of {n} {args.zeroshot_by} classes x {args.zeroshot_per_class} images to {root}")
 
 
 if __name__ == "__main__":

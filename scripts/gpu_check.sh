@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go (under 8 minutes on one GPU), results to benchmarks/results-gpu.md:
+#
+#   bash scripts/gpu_check.sh           # run everything
+#   bash scripts/gpu_check.sh --plan    # print the commands it would run, run nothing
+#
+#   1. demo         the demo recipe (lock -> unlock, retrieval) with --precision amp on CUDA
+#   2. torchrun     the same through `torchrun --nproc_per_node 1`, --dist-backend nccl
+#   3. torchcompile the same with --torchcompile
+#   4. benchmark    ours vs upstream on convnextv2_tiny_cliptext-512, batch 128, amp:
+#                   full, lock-image, lock-both (benchmarks/bench_train.py)
+#
+# Without CUDA it stops at once with an error and exit code 2: it never skips a check or writes
+# CPU figures as GPU ones. Every check runs even if an earlier one failed; the exit code is 1 if
+# any failed. Environment: PYTHON (default .venv/bin/python), UPSTREAM_VENV (upstream's trainer;
+# default: this interpreter with site-packages' open_clip_train, no network needed),
+# GPU_CHECK_WORK (default benchmarks/work-gpu), GPU_CHECK_STEP_TIMEOUT (seconds per training check,
+# default 150; the benchmark gets 330).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+PY="${PYTHON:-.venv/bin/python}"
+WORK="${GPU_CHECK_WORK:-benchmarks/work-gpu}"
+OUT="benchmarks/results-gpu.md"
+STEP_TIMEOUT="${GPU_CHECK_STEP_TIMEOUT:-150}"
+BENCH_TIMEOUT=330
+PLAN=0
+case "${1:-}" in
+    --plan) PLAN=1 ;;
+    "") ;;
+    *) echo "gpu_check: error: unknown argument '$1' (use --plan or nothing)" >&2; exit 2 ;;
+esac
+
+DATA="$WORK/demo_data"
+COMMON=(--model tiny-convnext-cliptext --dataset-type coco
+        --train-data "$DATA/annotations/captions_train2017.json"
+        --val-data "$DATA/annotations/captions_val2017.json"
+        --epochs 2 --batch-size 64 --lr 2e-3 --wd 0.1 --warmup 10 --workers 2 --precision amp --device cuda
+        --lock-image --unfreeze-image-at-epoch 1 --unfreeze-new-lr-scale 0.5 --val-at-start
+        --log-every-n-steps 5 --seed 0 --log-dir "$WORK/logs")
+DATA_CMD=("$PY" -m open_clip_train.demo_data "$DATA" --num-train 1024 --num-val 128 --image-size 64 --seed 0)
+DEMO_CMD=("$PY" -m open_clip_train.main "${COMMON[@]}" --name demo-amp)
+TORCHRUN_CMD=("$(dirname "$PY")/torchrun" --nproc_per_node 1 -m open_clip_train.main "${COMMON[@]}"
+              --dist-backend nccl --name torchrun-nccl)
+COMPILE_CMD=("$PY" -m open_clip_train.main "${COMMON[@]}" --torchcompile --name torchcompile)
+BENCH_CMD=("$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --precision amp
+           --settings full,lock-image,lock-both --repeats 1 --steps 25 --skip 5 --workers 4 --max-wait 0
+           --work-dir "$WORK/bench" --out "$WORK/bench-results")
+
+if [ "$PLAN" = 1 ]; then
+    for c in DATA_CMD DEMO_CMD TORCHRUN_CMD COMPILE_CMD BENCH_CMD; do
+        declare -n cmd="$c"
+        printf '%s\n' "$(printf '%q ' "${cmd[@]}")"
+    done
+    exit 0
+fi
+
+# ---- no GPU: fail loudly, before any work
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "gpu_check: error: no NVIDIA driver (nvidia-smi not found); these checks need a CUDA GPU, run them on a GPU machine" >&2
+    exit 2
+fi
+DEVICE="$("$PY" -c 'import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: error: torch.cuda.is_available() is False (torch " + torch.__version__ + "); these checks need a CUDA GPU")
+print(torch.cuda.get_device_name(0) + " | torch " + torch.__version__ + " | CUDA " + str(torch.version.cuda))')" || exit 2
+
+mkdir -p "$WORK"
+rm -rf "$WORK/logs"
+START=$(date +%s)
+declare -a ROWS
+FAILED=0
+
+run_step() {  # name, timeout, then the command; logs to $WORK/<name>.log, one table row
+    local name="$1" limit="$2"; shift 2
+    local t0=$(date +%s) rc
+    echo "== $name: $*"
+    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+    rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    local status="ok"
+    [ "$rc" = 0 ] || { status="FAILED (exit $rc$([ "$rc" = 124 ] && echo ', timed out'))"; FAILED=1; }
+    local detail
+    detail="$(grep -hoE '(samples/s|[0-9.]+/s/gpu|coco_mean_recall[^,]*|error: .*)' "$WORK/$name.log" | tail -1 | cut -c1-100)"
+    ROWS+=("| $name | $status | ${dt}s | ${detail//|//} |")
+    echo "   $status in ${dt}s"
+}
+
+UPSTREAM_NOTE=""
+if [ -z "${UPSTREAM_VENV:-}" ] && [ ! -x benchmarks/.venv-upstream/bin/python ]; then
+    # Upstream's trainer from the same interpreter: without site processing, our editable src/
+    # (put first by a .pth file) is not on the path, so `open_clip_train` is open_clip_torch's copy.
+    SITE="$("$PY" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+    REAL="$("$PY" -c 'import sys; print(sys.executable)')"
+    export UPSTREAM_VENV="$REPO/$WORK/upstream-shim"
+    mkdir -p "$UPSTREAM_VENV/bin"
+    printf '#!/bin/sh\nexec env PYTHONPATH=%q %q -S "$@"\n' "$SITE" "$REAL" >"$UPSTREAM_VENV/bin/python"
+    chmod +x "$UPSTREAM_VENV/bin/python"
+    UPSTREAM_NOTE="upstream's trainer ran from the same interpreter with site processing off (its open_clip_train)"
+fi
+
+run_step data "$STEP_TIMEOUT" "${DATA_CMD[@]}"
+run_step demo-amp "$STEP_TIMEOUT" "${DEMO_CMD[@]}"
+run_step torchrun-nccl "$STEP_TIMEOUT" "${TORCHRUN_CMD[@]}"
+run_step torchcompile "$STEP_TIMEOUT" "${COMPILE_CMD[@]}"
+BENCH_HELP="$("$PY" benchmarks/bench_train.py --help 2>/dev/null)"
+if ! { grep -q -- "--device" <<<"$BENCH_HELP" && grep -q -- "--batch-size" <<<"$BENCH_HELP" \
+       && grep -q -- "--precision" <<<"$BENCH_HELP"; }; then
+    echo "benchmarks/bench_train.py lacks --device/--batch-size/--precision (needed for batch 128 amp on CUDA)" \
+        >"$WORK/benchmark.log"
+    ROWS+=("| benchmark | FAILED (bench_train.py has no --device/--batch-size/--precision yet) | 0s | |")
+    FAILED=1
+else
+    run_step benchmark "$BENCH_TIMEOUT" "${BENCH_CMD[@]}"
+fi
+
+{
+    echo "# GPU check"
+    echo
+    echo "Device: $DEVICE. Run $(date -u +%Y-%m-%dT%H:%MZ) by \`scripts/gpu_check.sh\` in $(( $(date +%s) - START ))s."
+    echo
+    echo "| check | result | time | last figure |"
+    echo "| --- | --- | --- | --- |"
+    printf '%s\n' "${ROWS[@]}"
+    echo
+    grep -h "world: backend" "$WORK/torchrun-nccl.log" 2>/dev/null | tail -1 | sed 's/^.*| INFO | /torchrun: /'
+    [ -n "$UPSTREAM_NOTE" ] && echo && echo "Benchmark: $UPSTREAM_NOTE."
+    if [ -f "$WORK/bench-results.md" ]; then
+        echo
+        echo "## Benchmark (benchmarks/bench_train.py, batch 128, amp)"
+        echo
+        sed 's/^#/##/' "$WORK/bench-results.md"
+    fi
+} >"$OUT"
+echo "wrote $OUT"
+exit "$FAILED"
