@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import UserError
+from .run_outputs import parse_jsonl
 
 KS = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
@@ -103,24 +104,21 @@ def find_results(root: Path) -> Optional[Path]:
 def parse_results(text: str, where: str = "results.jsonl") -> Tuple[List[Dict[str, Any]], List[str]]:
     """JSON lines -> (rows sorted by epoch, notes). A half-written or unreadable line is skipped
     with a note; a repeated epoch keeps its last row (a resumed run re-evaluated it)."""
-    notes: List[str] = []
+    rows, bad = parse_jsonl(text)
+    notes = [f"{where} line {i} is half-written or not JSON (skipped): {_clip(line, 60)!r}" for i, line in bad]
     by_epoch: Dict[int, Dict[str, Any]] = {}
     repeated = set()
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            notes.append(f"{where} line {i} is half-written or not JSON (skipped): {_clip(line, 60)!r}")
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("epoch"), (int, float)):
-            notes.append(f"{where} line {i} has no epoch (skipped)")
+    without_epoch = 0
+    for row in rows:
+        if not isinstance(row.get("epoch"), (int, float)):
+            without_epoch += 1
             continue
         epoch = int(row["epoch"])
         if epoch in by_epoch:
             repeated.add(epoch)
         by_epoch[epoch] = row
+    if without_epoch:
+        notes.append(f"{where}: {_plural(without_epoch, 'row')} without an epoch (skipped)")
     if repeated:
         notes.append(f"{where}: epoch(s) {', '.join(map(str, sorted(repeated)))} evaluated more than once; "
                      "the last row of each is used")
@@ -195,11 +193,37 @@ def parse_log(lines) -> LogInfo:
 
 
 def read_log(root: Path) -> Optional[LogInfo]:
+    """out.log's INIT counts and unlocks; the loss curve from metrics.jsonl (this trainer's
+    runs), else from out.log's `Train Epoch:` lines (upstream's runs and older ones of ours).
+    None when the run has neither file."""
     path = root / "out.log"
+    info = None
+    if path.is_file():
+        with open(path, errors="replace") as f:
+            info = parse_log(f)
+    points = read_metrics(root)
+    if points is not None:
+        info = info or LogInfo()
+        info.points = points
+    return info
+
+
+def read_metrics(root: Path) -> Optional[List[TrainPoint]]:
+    """metrics.jsonl -> one TrainPoint per logging step (the last row of a step a resumed run
+    logged twice), or None without the file. Rows missing a field are left out."""
+    path = root / "metrics.jsonl"
     if not path.is_file():
         return None
-    with open(path, errors="replace") as f:
-        return parse_log(f)
+    rows, _ = parse_jsonl(path.read_text(errors="replace"))
+    by_step: Dict[int, TrainPoint] = {}
+    for r in rows:
+        try:
+            point = TrainPoint(int(r["epoch"]), int(r["samples"]), int(r["samples_per_epoch"]), int(r["step"]),
+                               {str(k): float(v) for k, v in r["losses"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        by_step[point.step] = point
+    return [by_step[s] for s in sorted(by_step)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +452,8 @@ class Run:
 
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (
-        (path / "params.txt").is_file() or (path / "out.log").is_file() or find_results(path) is not None)
+        (path / "params.txt").is_file() or (path / "out.log").is_file() or (path / "metrics.jsonl").is_file()
+        or find_results(path) is not None)
 
 
 def load_run(root: Path, name: str, best_by: str = "mean_r1") -> Run:
@@ -679,7 +704,7 @@ def plot(runs: Sequence[Run], out: Path) -> None:
                 ax.text(x, 0.99 - 0.05 * (i % 8), "unlock " + "+".join(towers), color=color, fontsize=7,
                         rotation=90, va="top", ha="right",
                         transform=blended_transform_factory(ax.transData, ax.transAxes))
-    titles = ("I2T R@1 (%) vs epoch", "T2I R@1 (%) vs epoch", "training loss vs step (out.log)")
+    titles = ("I2T R@1 (%) vs epoch", "T2I R@1 (%) vs epoch", "training loss vs step")
     for ax, title, xlabel in zip(axes, titles, ("epoch", "epoch", "step")):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)

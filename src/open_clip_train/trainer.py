@@ -18,7 +18,6 @@ import random
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -48,8 +47,8 @@ from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
 from .models.weights import fit_problems, load_torch_file
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
-from .progress import ProgressLine
-from .run_outputs import Reporters, RunPaths, append_result, drop_results_after
+from .progress import IntervalMeter, ProgressLine, TrainLog
+from .run_outputs import Reporters, RunPaths, append_metrics, append_result, drop_metrics_after, drop_results_after
 from .schedule import ScheduleCfg, lr_at
 
 
@@ -184,28 +183,6 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)
-
-
-@dataclass
-class _Meter:
-    """Samples/s and loss averaged over the logging interval (not just the last step)."""
-    t0: float = field(default_factory=time.perf_counter)
-    samples: int = 0
-    steps: int = 0
-    data_time: float = 0.0
-    losses: Dict[str, float] = field(default_factory=dict)
-    loss_steps: int = 0  # steps whose losses are in `losses` (a skipped non-finite step's are not)
-
-    def add(self, samples: int, terms: Dict[str, float], data_time: float) -> None:
-        self.samples += samples
-        self.steps += 1
-        self.data_time += data_time
-        self.loss_steps += bool(terms)
-        for k, v in terms.items():
-            self.losses[k] = self.losses.get(k, 0.0) + v
-
-    def elapsed(self) -> float:
-        return max(time.perf_counter() - self.t0, 1e-9)
 
 
 class Trainer:
@@ -453,6 +430,7 @@ class Trainer:
         cfg = self.cfg
         if self.paths is not None and self.world.is_master:
             drop_results_after(self.paths.results, self.start_epoch)
+            drop_metrics_after(self.paths.metrics, self.step)
         if self.val_data is not None and cfg.eval.val_at_start and self.start_epoch == 0:
             self.evaluate(0)
         if self.train_data is None:
@@ -503,7 +481,7 @@ class Trainer:
         start = self.start_epoch_step if epoch == self.start_epoch else 0
         data.set_epoch(epoch, start_batch=start * accum)
         self.net.train()
-        meter = _Meter()
+        meter = IntervalMeter()
         epoch_t0 = time.perf_counter()
         batches: List = []
         t_data = time.perf_counter()
@@ -533,7 +511,7 @@ class Trainer:
                 last = steps_done == self.steps_per_epoch
                 if steps_done % cfg.train.log_every_n_steps == 0 or last:
                     self._log_progress(epoch, steps_done, steps_done - start, meter, epoch_t0)
-                    meter = _Meter()
+                    meter = IntervalMeter()
                 progress.update(steps_done, sum(terms.values()), cfg.train.batch_size * accum * self.world.world_size)
                 if self._step_boundary(epoch, steps_done):
                     return True
@@ -711,34 +689,36 @@ class Trainer:
         if missing:
             logging.warning(f"{len(missing)} trainable params got no gradient this step, e.g. {missing[:3]}")
 
-    def _log_progress(self, epoch: int, steps_done: int, steps_here: int, meter: _Meter, epoch_t0: float) -> None:
+    def _log_progress(self, epoch: int, steps_done: int, steps_here: int, meter: IntervalMeter,
+                      epoch_t0: float) -> None:
+        """The `Train Epoch:` line in out.log, its row in metrics.jsonl, and the reporters."""
         total_steps = self.steps_per_epoch
         sps = meter.samples / meter.elapsed()
         per_step = (time.perf_counter() - epoch_t0) / max(steps_here, 1)  # steps this process ran
         remaining = (total_steps - steps_done) + total_steps * (self.cfg.train.epochs - epoch - 1)
-        eta = _fmt_time(per_step * remaining)
         # Each rank's loss covers its local rows (--local-loss); the mean over ranks is the
         # global batch's loss, so the logged value does not depend on how the batch is split.
         names = list(meter.losses)
         means = dist_env.all_reduce_mean(
             torch.tensor([meter.losses[k] / meter.loss_steps for k in names], dtype=torch.float64, device=self.device))
-        mean_loss = dict(zip(names, means.tolist()))
-        losses = " ".join(f"{k.capitalize()}: {v:#.5g}" for k, v in mean_loss.items())
-        lrs = " ".join(f"{g['name']}={g['lr']:.3e}" for g in self.optimizer.param_groups)
-        n_done = steps_done * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
-        n_total = total_steps * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
-        logit_scale = float(self.model.logit_scale.detach().exp())
-        logging.info(
-            f"Train Epoch: {epoch} [{n_done}/{n_total} ({100 * steps_done / total_steps:.0f}%)] step {self.step} "
-            f"Data (t): {meter.data_time / meter.steps:.3f} Batch (t): {meter.elapsed() / meter.steps:.3f}, "
-            f"{sps:#g}/s, {sps / self.world.world_size:#g}/s/gpu LR: {lrs} Logit Scale: {logit_scale:.3f} "
-            f"{losses} ETA: {eta}" + (f" Skipped non-finite: {self.nonfinite.skipped}" if self.nonfinite.skipped else "")
-        )
+        per_step_samples = self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
+        log = TrainLog(
+            epoch=epoch, step=self.step, epoch_step=steps_done, steps_per_epoch=total_steps,
+            samples=steps_done * per_step_samples, samples_per_epoch=total_steps * per_step_samples,
+            data_time=meter.data_time / meter.steps, batch_time=meter.elapsed() / meter.steps,
+            samples_per_second=sps, world_size=self.world.world_size,
+            lr={g["name"]: g["lr"] for g in self.optimizer.param_groups},
+            logit_scale=float(self.model.logit_scale.detach().exp()), losses=dict(zip(names, means.tolist())),
+            eta_seconds=per_step * remaining, skipped_nonfinite=self.nonfinite.skipped,
+            trainable=count_trainable(self.model))
+        logging.info(log.line())
+        if self.world.is_master and self.paths is not None:
+            append_metrics(self.paths.metrics, log.row())
         if self.reporters is not None and self.reporters.active:
-            values = {f"train/{k}": v for k, v in mean_loss.items()}
-            values.update({f"train/lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
-            values.update({"train/samples_per_second": sps, "train/scale": logit_scale})
-            values.update({f"train/trainable_{k}": v for k, v in count_trainable(self.model).items()})
+            values = {f"train/{k}": v for k, v in log.losses.items()}
+            values.update({f"train/lr/{k}": v for k, v in log.lr.items()})
+            values.update({"train/samples_per_second": sps, "train/scale": log.logit_scale})
+            values.update({f"train/trainable_{k}": v for k, v in log.trainable.items()})
             self.reporters.scalars(values, self.step)
 
     # ---------------------------------------------------------------- eval
@@ -777,11 +757,3 @@ class Trainer:
     def close(self) -> None:
         if self.reporters is not None:
             self.reporters.close()
-
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
