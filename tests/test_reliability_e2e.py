@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from open_clip_train import preflight
 from open_clip_train import trainer as trainer_module
-from open_clip_train.config import RunCfg
+from open_clip_train.cli_config import config_from_args
 from open_clip_train.data import BadTally, DataCfg, get_data
 from open_clip_train.demo_data import generate
 from open_clip_train.errors import UserError
@@ -216,9 +217,9 @@ def test_pickled_checkpoint_needs_trust(demo, tmp_path):
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=1.0)}, path)
 
     def cfg(*extra):
-        return RunCfg.from_args(parse_args(args(demo.train_annotations, demo.val_annotations, tmp_path, "x",
+        return config_from_args(parse_args(args(demo.train_annotations, demo.val_annotations, tmp_path, "x",
                                                 "--resume", path, *extra)))
 
     with pytest.raises(UserError, match="holds pickled objects .* --trust-checkpoint"):
-        trainer_module.check_config(cfg())
-    trainer_module.check_config(cfg("--trust-checkpoint"))  # fits this model: accepted
+        preflight.check_config(cfg())
+    preflight.check_config(cfg("--trust-checkpoint"))  # fits this model: accepted

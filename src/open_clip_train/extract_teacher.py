@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 
 from . import distributed as dist_env
 from .errors import UserError
+from .precision import PRECISIONS
 from .teacher import Teacher
 from .teacher_cache import DTYPES, MANIFEST, ShardWriter, manifest_meta, write_manifest
 
-PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 
 
 @dataclass

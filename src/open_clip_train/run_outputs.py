@@ -25,7 +25,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import UserError
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
 DATE_FORMAT = "%Y-%m-%d,%H:%M:%S"
