@@ -10,7 +10,7 @@ from .data import DataCfg
 from .distill import DistillCfg
 from .errors import UserError
 from .freeze import FreezeCfg, TowerSchedule
-from .headalign import HeadAlignCfg
+from .distill.headalign import HeadAlignCfg
 from .losses import LossCfg
 from .objective import ObjectiveCfg
 from .optim import OptimCfg

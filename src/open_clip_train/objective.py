@@ -23,8 +23,8 @@ import torch
 from .distill import DistillCfg, DistillLoss, TokenizerPair, TrunkCapture, concat_outputs, merge_micro_batch
 from .distributed import World
 from .errors import UserError
-from .headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
-from .losses import ContrastiveLoss, LossCfg
+from .distill.headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
+from .losses import ContrastiveLoss, LossCfg, merge_terms
 from .models.text_trim import set_text_padding_trim, text_padding_trim
 
 Terms = Dict[str, torch.Tensor]
@@ -74,8 +74,8 @@ class Objective:
     def _build_cached_teacher(self, cfg, model, world, device) -> None:
         """The teacher's embeddings come from the cache: no teacher model, no teacher tokens.
         The manifest was checked against this run in trainer.check_config."""
-        from .teacher import preprocess_difference
-        from .teacher_cache import CachedTeacher, TeacherCache, preprocess_fields
+        from .distill.sharing import preprocess_difference
+        from .distill.cache import CachedTeacher, TeacherCache, preprocess_fields
 
         try:
             cache = TeacherCache(cfg.distill.teacher_cache)
@@ -89,7 +89,8 @@ class Objective:
         self.loss = self._distill_loss(cfg, world)
 
     def _build_teacher(self, cfg, model, world, device, student_tokenizer) -> None:
-        from .teacher import SharingPlan, Teacher, TeacherRunner, plan_sharing, preprocess_difference
+        from .distill.sharing import SharingPlan, plan_sharing, preprocess_difference
+        from .distill.teacher import Teacher, TeacherRunner
 
         d = cfg.distill
         if cfg.loss.siglip:
@@ -155,7 +156,7 @@ class Objective:
         else:
             terms = self.loss(out)
         if self.headalign is not None:
-            terms.update(self.headalign(out, self.reference(feats)))
+            terms = merge_terms(terms, self.headalign(out, self.reference(feats)))
         return terms
 
     @torch.no_grad()

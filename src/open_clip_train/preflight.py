@@ -110,7 +110,7 @@ def _check_teacher_cache(cfg: RunCfg) -> None:
     (type, annotation file hash, CSV columns) and, from the training set's ids, that every sample
     has its rows."""
     from .data import resolve_dataset_type, train_captioned
-    from .teacher_cache import TeacherCache, expected_fields
+    from .distill.cache import TeacherCache, expected_fields
 
     d, data = cfg.objective.distill, cfg.data
     try:

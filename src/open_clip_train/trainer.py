@@ -40,7 +40,7 @@ from .losses import total
 from .numerics import NonFiniteGuard, agree_on_step, is_failure, skip_step
 from .objective import Objective
 from .preempt import StopRequest, signal_name
-from .teacher_cache import augmentation_notice
+from .distill.cache import augmentation_notice
 from .models import create_model, get_preprocess, get_tokenizer
 from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups

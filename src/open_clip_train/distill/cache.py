@@ -204,7 +204,7 @@ def expected_fields(
     if teacher_model:
         out["teacher.model"] = teacher_model
         if preprocess_cfg is None:
-            from .models import create_model
+            from ..models import create_model
             preprocess_cfg = create_model(teacher_model, device="meta")[0].visual.preprocess_cfg
     if teacher_pretrained:
         out["teacher.weights_sha256"] = file_sha256(teacher_pretrained)
