@@ -7,8 +7,6 @@ Runs are tiny (tiny-convnext-cliptext, 2 steps per epoch); NaNs are injected by 
 import argparse
 import json
 import math
-from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from open_clip_train.errors import UserError
 from open_clip_train.main import main
 from open_clip_train.numerics import EXIT_CODE, is_failure
 from open_clip_train.params import parse_args
-from test_bad_data import BROKEN, PRE, break_coco
+from test_bad_data import PRE, break_coco
 from test_data import byte_tokenizer
 
 MODEL = "tiny-convnext-cliptext"
