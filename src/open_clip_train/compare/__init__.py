@@ -17,8 +17,8 @@ of all six recalls, then to the earlier epoch. It is chosen separately per proto
 A run directory holds any of: params.txt (upstream's sorted `name: value` lines), metrics.jsonl
 (this trainer's losses per logging step), out.log (upstream's or this trainer's log lines: INIT
 counts, unlocks, and the loss curve when there is no metrics.jsonl), results.jsonl in
-RUN/checkpoints/ (ours) or RUN/ (upstream). Missing files and half-written results lines are reported in a Notes section and
-as `warning:` lines on stderr, never fatal. A path that is not a run directory is a warning;
+RUN/checkpoints/ (ours) or RUN/ (upstream). Missing files and half-written results lines are
+reported in a Notes section and as `warning:` lines on stderr, never fatal. A path that is not a run directory is a warning;
 it is an `error:` line and exit code 2 only when no run directory is left.
 
 Reads only text files: no torch import. `--plot` needs matplotlib (imported only then).
