@@ -1,4 +1,5 @@
 # make demo   - set up .venv, generate the demo COCO-style dataset, train with lock -> unlock, print results
+#               and the compare tool's table, and write its curves (PNG path printed last)
 # make test   - set up .venv and run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -33,6 +34,8 @@ demo: $(STAMP) $(DEMO_DATA)/annotations/captions_val2017.json
 	    --val-at-start --log-every-n-steps 20 --seed 0 \
 	    --log-dir logs --name $(DEMO_NAME)
 	$(PY) -m open_clip_train.results_table logs/$(DEMO_NAME)
+	$(PY) -m open_clip_train.compare logs/$(DEMO_NAME) --plot logs/$(DEMO_NAME)/curves.png
+	@echo "curves (recall per epoch, loss per step, the unlock marked): logs/$(DEMO_NAME)/curves.png"
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -10,7 +10,8 @@ from open_clip_train import checkpoint as ckpt
 from open_clip_train import faults
 from open_clip_train.errors import UserError
 from open_clip_train.preempt import StopRequest
-from open_clip_train.run_outputs import append_result, drop_results_after, read_results, setup_logging, teardown_logging
+from open_clip_train.run_outputs import (append_metrics, append_result, drop_metrics_after, drop_results_after, read_jsonl,
+                                        read_results, setup_logging, teardown_logging)
 
 
 def write(path, epoch, step, **extra):
@@ -93,6 +94,19 @@ def test_torn_results_line_is_dropped_before_appending(tmp_path, caplog):
     assert "dropping half-written line 4" in caplog.text
     append_result(path, {"epoch": 3, "x": 0.25})
     assert read_results(path) == [{"epoch": 1, "x": 0.5}, {"epoch": 2, "x": 0.5}, {"epoch": 3, "x": 0.25}]
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for step in (5, 10, 15):
+        append_metrics(path, {"step": step, "losses": {"contrastive_loss": torch.tensor(float("nan"))}})
+    with open(path, "a") as f:
+        f.write('{"step": 20, "los')
+    drop_metrics_after(path, 10)  # the checkpoint was at step 10: steps 11.. are trained again
+    append_metrics(path, {"step": 15, "losses": {"contrastive_loss": 1.5}})
+    assert read_jsonl(path) == [{"step": 5, "losses": {"contrastive_loss": "nan"}},
+                                {"step": 10, "losses": {"contrastive_loss": "nan"}},
+                                {"step": 15, "losses": {"contrastive_loss": 1.5}}]
 
 
 def test_out_log_is_appended_and_a_torn_last_line_ended(tmp_path):

@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import pytest
 
-from open_clip_train.compare import freeze_in_words, loss_curve, main, parse_log, parse_params
+from open_clip_train.compare import freeze_in_words, loss_curve, main, parse_log, parse_params, short_names
 
 TS = "2026-11-22,05:20:28 | INFO | "
 
@@ -343,6 +343,17 @@ def test_plot_writes_png(runs, tmp_path, capsys):
         width, height = im.size
     assert 1000 <= width <= 4000 and 300 <= height <= 2000
     assert png.stat().st_size > 20_000  # curves were drawn, not an empty canvas
+
+
+def test_plot_legend_names_drop_the_shared_prefix_and_suffix():
+    seed = ["cnv2t_gpt2_lock_both_unf_img6_lr7e-4", "cnv2t_gpt2_lock_image_lr7e-4", "cnv2t_gpt2_full_ft_lr7e-4"]
+    assert short_names(seed) == ["lock_both_unf_img6", "lock_image", "full_ft"]
+    assert short_names(["runs/a", "runs/b"]) == ["a", "b"]
+    assert short_names(["x_1", "x_1_y"]) == ["1", "1_y"]  # the cut stops at separators
+    assert short_names(["ab", "abc"]) == ["ab", "abc"]  # no separator: full names
+    assert short_names(["only_one_run"]) == ["only_one_run"]
+    long = short_names(["a" * 20 + "_" + "b" * 20], width=28)[0]
+    assert len(long) == 28 and long.startswith("a" * 13) and long.endswith("b" * 14)
 
 
 def test_module_cli(runs):

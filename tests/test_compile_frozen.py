@@ -2,7 +2,8 @@
 outputs and parameter names; any unlock restores the plain forward."""
 import torch
 
-from open_clip_train.freeze import FreezeCfg, TowerSchedule, apply_trainable, build_plan, compile_frozen_trunk
+from open_clip_train.freeze import FreezeCfg, TowerSchedule, apply_trainable, build_plan
+from open_clip_train.frozen_compile import compile_frozen_trunk
 from open_clip_train.models import create_model
 
 

@@ -8,7 +8,6 @@ exit code to $DUMP_DIR (the trainer itself checkpoints rank 0 only).
 """
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys

@@ -22,9 +22,10 @@ from open_clip_train.distill import (
     concat_outputs,
     merge_micro_batch,
 )
-from open_clip_train.headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
+from open_clip_train.distill.headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
 from open_clip_train.models import create_model, get_tokenizer
-from open_clip_train.teacher import Teacher, TeacherRunner, plan_sharing
+from open_clip_train.distill.sharing import plan_sharing
+from open_clip_train.distill.teacher import Teacher, TeacherRunner
 
 STUDENT = "tiny-convnext-cliptext"  # attention-pool head
 TEACHER = "tiny-convnext-cliptext-linear"  # same trunk and text tower, open_clip's pooled linear head
@@ -406,3 +407,13 @@ def test_sharing_waits_while_student_part_is_stochastic(ckpt, teacher):
     assert not plan.active("image_trunk") and plan.is_shared("image_trunk")
     student.eval()
     assert plan.active("image_trunk")
+
+
+def test_loss_terms_merge_refuses_a_name_given_twice():
+    from open_clip_train.losses import merge_terms, total
+
+    contrastive, head = {"contrastive_loss": torch.tensor(1.0)}, {"headalign_loss": torch.tensor(0.25)}
+    merged = merge_terms(contrastive, head)
+    assert list(merged) == ["contrastive_loss", "headalign_loss"] and float(total(merged)) == 1.25
+    with pytest.raises(ValueError, match=r"\['contrastive_loss'\] produced twice"):
+        merge_terms(merged, {"contrastive_loss": torch.tensor(5.0)})

@@ -485,3 +485,16 @@ def test_locked_trunk_keeps_no_activations():
     reachable = _graph_params(feats)
     assert not reachable & trunk
     assert head <= reachable
+
+
+def test_a_tower_that_declares_its_layer_groups_is_taken_at_its_word():
+    model = _model()
+    names = [n for n, _ in model.visual.named_parameters()]
+    trunk = [n for n in names if n.startswith("trunk.")]
+    half = len(trunk) // 2
+    model.visual.layer_groups = lambda: [trunk[:half], trunk[half:]]  # instead of timm's group_matcher
+    layout = tower_layout(model)["image"]
+    assert layout.groups == [[f"visual.{n}" for n in trunk[:half]], [f"visual.{n}" for n in trunk[half:]]]
+    assert layout.head == [f"visual.{n}" for n in names if not n.startswith("trunk.")] and layout.head
+    plan = build_plan(model, FreezeCfg(image=TowerSchedule(lock=True, unlocked_groups=1)), epochs=1)
+    assert {n for n in plan.rules_at(0) if n.startswith("visual.trunk.")} == {f"visual.{n}" for n in trunk[half:]}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from open_clip_train import frozen_compile
-from open_clip_train.freeze import FreezeCfg, TowerSchedule, apply_trainable, build_plan, compile_frozen_trunk
+from open_clip_train.freeze import FreezeCfg, TowerSchedule, apply_trainable, build_plan
+from open_clip_train.frozen_compile import compile_frozen_trunk
 from open_clip_train.frozen_compile import FrozenTrunkCompiler, worth_compiling
 from open_clip_train.models import create_model
 from open_clip_train.optim import OptimCfg, build_optimizer, make_groups

@@ -1,5 +1,7 @@
 """Model configs, factory, GPT-2 tower and tokenizers."""
 import math
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -53,6 +55,33 @@ def test_configs_registered_with_open_clip():
         assert name in list_models()
         assert name in open_clip.list_models()
     assert "ViT-B-32" in list_models()
+
+
+# `import open_clip_train` alone registers the configs (the README's promise), whichever of
+# open_clip / open_clip_train is imported first; before open_clip is imported, importing
+# open_clip_train must not pull it (or torch) in, so --help and the compare tool stay fast.
+REGISTERED_AFTER_IMPORT = """
+import sys
+{imports}
+{check_lazy}
+import open_clip
+assert "convnext_base_w_absattn" in open_clip.list_models(), "bundled configs not registered"
+model = open_clip.create_model("tiny-convnext-cliptext")
+assert type(model.visual.trunk).__name__ == "ConvNeXt" and model.visual.trunk.num_features == 64
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["open_clip_train", "open_clip"])
+def test_import_open_clip_train_registers_configs(first):
+    if first == "open_clip_train":
+        code = REGISTERED_AFTER_IMPORT.format(
+            imports="import open_clip_train",
+            check_lazy='assert "open_clip" not in sys.modules and "torch" not in sys.modules')
+    else:
+        code = REGISTERED_AFTER_IMPORT.format(imports="import open_clip\nimport open_clip_train", check_lazy="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_convnextv2_tiny_gpt2_counts(meta_models):

@@ -7,21 +7,20 @@ Runs are tiny (tiny-convnext-cliptext, 2 steps per epoch); NaNs are injected by 
 import argparse
 import json
 import math
-from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
+from open_clip_train import preflight
 from open_clip_train import trainer as trainer_module
-from open_clip_train.config import RunCfg
+from open_clip_train.cli_config import config_from_args
 from open_clip_train.data import BadTally, DataCfg, get_data
 from open_clip_train.demo_data import generate
 from open_clip_train.errors import UserError
 from open_clip_train.main import main
 from open_clip_train.numerics import EXIT_CODE, is_failure
 from open_clip_train.params import parse_args
-from test_bad_data import BROKEN, PRE, break_coco
+from test_bad_data import PRE, break_coco
 from test_data import byte_tokenizer
 
 MODEL = "tiny-convnext-cliptext"
@@ -216,9 +215,9 @@ def test_pickled_checkpoint_needs_trust(demo, tmp_path):
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=1.0)}, path)
 
     def cfg(*extra):
-        return RunCfg.from_args(parse_args(args(demo.train_annotations, demo.val_annotations, tmp_path, "x",
+        return config_from_args(parse_args(args(demo.train_annotations, demo.val_annotations, tmp_path, "x",
                                                 "--resume", path, *extra)))
 
     with pytest.raises(UserError, match="holds pickled objects .* --trust-checkpoint"):
-        trainer_module.check_config(cfg())
-    trainer_module.check_config(cfg("--trust-checkpoint"))  # fits this model: accepted
+        preflight.check_config(cfg())
+    preflight.check_config(cfg("--trust-checkpoint"))  # fits this model: accepted

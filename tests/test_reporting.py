@@ -1,5 +1,4 @@
 """--report-to tensorboard,wandb: the scalars a run reports can be read back (wandb offline)."""
-import os
 from pathlib import Path
 
 import pytest

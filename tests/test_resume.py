@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from open_clip_train import trainer as trainer_module
-from open_clip_train.config import RunCfg
+from open_clip_train.cli_config import config_from_args
 from open_clip_train.demo_data import generate
 from open_clip_train.distributed import World
 from open_clip_train.main import main
@@ -130,7 +130,7 @@ def test_checkpoint_before_the_unlock_unlocks_on_schedule(runs):
 
 
 def build(demo, logs, name, *extra):
-    cfg = RunCfg.from_args(parse_args(args(demo, logs, name, *extra)))
+    cfg = config_from_args(parse_args(args(demo, logs, name, *extra)))
     return trainer_module.Trainer.build(cfg, World(), torch.device("cpu"), None)
 
 

@@ -4,10 +4,10 @@ import torch
 
 from open_clip_train.data import load_rgb
 from open_clip_train.demo_data import generate
-from open_clip_train.extract_teacher import coco_samples, main, run_shard
+from open_clip_train.distill.extract import coco_samples, main, run_shard
 from open_clip_train.models import create_model
-from open_clip_train.teacher import Teacher
-from open_clip_train.teacher_cache import (
+from open_clip_train.distill.teacher import Teacher
+from open_clip_train.distill.cache import (
     TeacherCache,
     augmentation_notice,
     expected_fields,

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import open_clip_train.models
-from open_clip_train import teacher as teacher_module
+from open_clip_train.distill import teacher as teacher_module
 from open_clip_train.data import load_captioned
 from open_clip_train.demo_data import generate
-from open_clip_train.extract_teacher import main as extract, run_shard, samples_of
+from open_clip_train.distill.extract import main as extract, run_shard, samples_of
 from open_clip_train.main import main
 from open_clip_train.models import create_model
-from open_clip_train.teacher import Teacher
-from open_clip_train.teacher_cache import manifest_meta, write_manifest
+from open_clip_train.distill.teacher import Teacher
+from open_clip_train.distill.cache import manifest_meta, write_manifest
 
 STUDENT = "tiny-convnext-cliptext"
 TEACHER = "tiny-convnext-cliptext-linear"
@@ -192,7 +192,7 @@ def test_no_teacher_share_runs_the_whole_teacher(setup):
 RANK_SCRIPT = textwrap.dedent('''
     import json, os, sys, torch
     from open_clip_train import trainer
-    from open_clip_train.teacher_cache import CachedTeacher
+    from open_clip_train.distill.cache import CachedTeacher
     from open_clip_train.main import main
 
     read = []

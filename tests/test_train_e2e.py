@@ -192,6 +192,68 @@ def test_loss_decreases_and_retrieval_beats_chance(run):
     assert last["coco_i2t_R@5"] > 2 * 5 * CAPTIONS / (NUM_TRAIN * CAPTIONS)
 
 
+def metrics_rows(root: Path):
+    return [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_jsonl_has_the_numbers_of_each_train_line(run):
+    root = run[0]
+    rows = metrics_rows(root)
+    lines = [m for m in messages(root / "out.log") if m.startswith("Train Epoch:")]
+    assert len(rows) == len(lines) == EPOCHS * 2
+    assert [(r["epoch"], r["step"], r["epoch_step"]) for r in rows] == [
+        (e, 10 * e + k, k) for e in range(EPOCHS) for k in (5, 10)]
+    found = {m.group("when"): {k: int(m[k]) for k in ("visual", "text", "total")}
+             for m in map(TRAINABLE_RE.match, messages(root / "out.log")) if m}
+    for r, line in zip(rows, lines):
+        assert line.startswith(f"Train Epoch: {r['epoch']} [{r['samples']}/{r['samples_per_epoch']} ")
+        assert f"] step {r['step']} " in line
+        assert f"Contrastive_loss: {r['losses']['contrastive_loss']:#.5g}" in line and list(r["losses"]) == [
+            "contrastive_loss"]
+        assert "LR: " + " ".join(f"{g}={lr:.3e}" for g, lr in r["lr"].items()) + " Logit" in line
+        assert f"{r['samples_per_second']:#g}/s" in line
+        assert r["trainable"] == found["INIT" if r["epoch"] == 0 else "epoch 1"]
+    assert list(rows[0]["lr"]) == ["base", "base/no_wd"]
+    assert list(rows[-1]["lr"]) == ["base", "base/no_wd", "unlock_image@1/x0.1", "unlock_image@1/x0.1/no_wd"]
+
+
+def test_compare_reads_the_run_directory(run, tmp_path, capsys):
+    """The compare tool on the run the trainer wrote: its loss curve comes from metrics.jsonl
+    (full precision), and a run without that file still gets one from out.log."""
+    import shutil
+
+    from open_clip_train.compare import load_run, main as compare
+
+    root = run[0]
+    rows = metrics_rows(root)
+    last = json.loads((root / "checkpoints" / "results.jsonl").read_text().splitlines()[-1])
+    loaded = load_run(root, "e2e")
+    assert [(p.epoch, p.step, p.samples) for p in loaded.log.points] == [(r["epoch"], r["step"], r["samples"])
+                                                                          for r in rows]
+    assert [p.losses for p in loaded.log.points] == [r["losses"] for r in rows]
+    assert loaded.unlock_epochs == {1: ["image"]}
+    assert loaded.protocols["coco"].last.epoch == EPOCHS
+    assert loaded.protocols["coco"].last.recall["t2i_r5"] == last["coco_t2i_R@5"]
+
+    old = tmp_path / "old_run"  # as written before metrics.jsonl existed
+    shutil.copytree(root, old, ignore=shutil.ignore_patterns("*.pt", "metrics.jsonl"))
+    from_log = load_run(old, "old").log.points
+    assert [p.step for p in from_log] == [r["step"] for r in rows]
+    assert [p.losses["contrastive_loss"] for p in from_log] == [
+        float(f"{r['losses']['contrastive_loss']:#.5g}") for r in rows]
+
+    png, md = tmp_path / "curves.png", tmp_path / "report.md"
+    assert compare([str(root), "--plot", str(png), "--out", str(md)]) == 0
+    out = capsys.readouterr().out
+    config_row = next(line for line in out.splitlines() if line.startswith("| e2e | " + MODEL))
+    assert "image locked, unlock all groups at epoch 1; text trainable; new lr x0.1" in config_row
+    init = next(m for m in map(TRAINABLE_RE.match, messages(root / "out.log")) if m)
+    assert f"{int(init['total']):,} ({int(init['visual']):,} / {int(init['text']):,})" in config_row
+    i2t = "/".join(f"{100 * last[f'coco_i2t_R@{k}']:.2f}%" for k in (1, 5, 10))
+    assert any(line.startswith(f"| e2e | {EPOCHS} | {i2t} |") for line in out.splitlines())
+    assert md.read_text() == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_gpt2_run_end_to_end(demo, tmp_path, gpt2_tokenizer_dir):
     argv = run_args(demo, tmp_path, "gpt2", "--epochs", 1, "--train-num-samples", 32,
                     "--text-tokenizer", gpt2_tokenizer_dir, "--lock-text", "--lock-text-unlocked-layers", 1)

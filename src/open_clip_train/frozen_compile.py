@@ -1,7 +1,7 @@
 """When a fully frozen image trunk runs compiled: `--compile-frozen auto|on|off` (default auto).
 
 A locked trunk is a pure function of its input, so `torch.compile` of its forward (without
-autograd, `freeze.compile_frozen_trunk`) is safe; it fuses the elementwise work (GELU, GRN,
+autograd, `compile_frozen_trunk`) is safe; it fuses the elementwise work (GELU, GRN,
 LayerNorm, residual adds) that is about half of a ConvNeXt forward, and ran 1.85x faster on the
 frozen ConvNeXtV2-Tiny forward on CPU. But compiling costs tens of seconds to minutes once per
 process, which a tiny model or a short frozen phase never earns back.
@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist_env
-from .freeze import compile_frozen_trunk
 
 MODES = ("auto", "on", "off")
 EXPECTED_SAVING = 0.4  # fraction of the eager forward that compiling saves (measured: ~0.46 on CPU)
@@ -128,3 +127,45 @@ class FrozenTrunkCompiler:
         if self._timer is not None:
             self._timer.remove()
             self._timer = None
+
+
+def compile_frozen_trunk(model: nn.Module, enable: bool) -> bool:
+    """While every parameter of `model.visual.trunk` is frozen, run it compiled and without
+    autograd (`--compile-frozen`); restore the plain forward as soon as any part trains.
+
+    Only the bound `forward` is replaced, so parameter names, checkpoints and the DDP wrapper
+    are unaffected. Returns whether the compiled forward is active.
+    """
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if trunk is None:
+        return False
+    frozen = not any(p.requires_grad for p in trunk.parameters())
+    active = "forward" in trunk.__dict__ and getattr(trunk.forward, "_frozen_compiled", False)
+    if enable and frozen and not active:
+        eager = type(trunk).forward.__get__(trunk)
+        compiled = torch.compile(eager, dynamic=None)
+
+        def forward(x, *args, **kwargs):
+            with torch.no_grad():
+                if forward._failed:
+                    return eager(x, *args, **kwargs)
+                try:
+                    return compiled(x, *args, **kwargs)
+                except Exception as e:  # no working compiler toolchain, an unsupported op, ...
+                    # Compiling happens at the first call (and at a new input shape): fall back to
+                    # the plain forward for the rest of the run instead of failing a long job.
+                    forward._failed = True
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    logging.getLogger(__name__).warning(
+                        f"compiling the frozen image trunk failed ({type(e).__name__}: {first}); running it eagerly")
+                    return eager(x, *args, **kwargs)
+
+        forward._failed = False
+
+        forward._frozen_compiled = True
+        trunk.forward = forward
+        return True
+    if active and not (enable and frozen):
+        del trunk.forward  # back to the class's forward: the trunk trains now
+        return False
+    return active

@@ -43,3 +43,15 @@ class ContrastiveLoss(torch.nn.Module):
 
 def total(terms: Dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(terms.values())
+
+
+def merge_terms(*parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Named loss terms of several losses in one dict; a name produced twice is an error (one
+    term would silently replace the other in the sum and the log)."""
+    out: Dict[str, torch.Tensor] = {}
+    for part in parts:
+        clash = sorted(set(out) & set(part))
+        if clash:
+            raise ValueError(f"loss terms {clash} produced twice")
+        out.update(part)
+    return out

@@ -1,6 +1,6 @@
 """`python -m open_clip_train.main` / `torchrun -m open_clip_train.main`: parse, check, open the
 run, build, resume, train, close. User errors end as one `error: ...` line on stderr and exit
-code 2, found before any data is read where possible (`trainer.check_config`). SIGTERM / SIGUSR1
+code 2, found before any data is read where possible (`preflight.check_config`). SIGTERM / SIGUSR1
 end a training run at the next step with a checkpoint and exit code 75 (`preempt.EXIT_STOPPED`).
 
 Only the flag parser is imported at module level, so `--help` and flag errors answer at once;
@@ -34,10 +34,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
-        from .config import RunCfg
+        from .cli_config import config_from_args
 
         with _as_user_error("invalid configuration"):
-            cfg = RunCfg.from_args(args)
+            cfg = config_from_args(args)
         if cfg.dry_run:
             return _dry_run(cfg)
         return _train(cfg, argv)
@@ -72,7 +72,8 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
     from . import faults
     from .preempt import EXIT_STOPPED, StopRequest
     from .run_outputs import teardown_logging
-    from .trainer import Trainer, check_config
+    from .preflight import check_config
+    from .trainer import Trainer
 
     world = dist_env.world_from_env()
     fault = faults.from_env()  # test hook; None unless OPEN_CLIP_TRAIN_FAULT is set

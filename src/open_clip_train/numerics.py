@@ -1,6 +1,7 @@
 """Non-finite losses and gradients: one cheap check per optimizer step, the same decision on
 every rank, skip up to K such steps, then stop naming the step, the loss terms and the last
-good checkpoint.
+good checkpoint. `agree_on_step` makes that decision on every rank alike; `skip_step` drops the
+update.
 
 With a GradScaler (fp16 amp on CUDA) inf/NaN gradients are the scaler's business: it skips
 those steps and lowers the scale, so only a non-finite loss counts as a failure there.
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from . import distributed as dist_env
 from .errors import RunFailure
 
 EXIT_CODE = RunFailure.exit_code
@@ -63,3 +65,30 @@ class NonFiniteGuard:
         message = (f"{head}; stopping: {allowed}; last good checkpoint: {last_good or 'none'}")
         logging.error(message)
         raise NonFiniteStop(message)
+
+
+def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor], params: List[torch.Tensor],
+                  scaler_active: bool, bad_samples: int, device: torch.device) -> Tuple[bool, bool, int]:
+    """(loss non-finite, gradients non-finite) on any rank, and the step's bad samples summed
+    over ranks, from one all-reduce of [loss flag, gradient flag, bad samples], so every rank
+    takes the same decisions. Gradients are only checked without a scaler (the scaler handles
+    them), through clipping's total norm when clipping is on, else one fused norm over `params`."""
+    loss_ok = all_finite(list(terms.values()))
+    if scaler_active:
+        grads_ok = torch.tensor(True)
+    elif grad_norm is not None:
+        grads_ok = grad_norm.isfinite()
+    else:
+        grads_ok = all_finite([p.grad for p in params])
+    flags = torch.stack([(~loss_ok).float().cpu(), (~grads_ok).float().cpu(), torch.tensor(float(bad_samples))])
+    flags = dist_env.all_reduce_sum(flags.to(device)).cpu().tolist()
+    return flags[0] > 0, flags[1] > 0, int(flags[2])
+
+
+def skip_step(optimizer: torch.optim.Optimizer, scaler, unscaled: bool) -> None:
+    """No update from this step; with a grad scaler its bookkeeping stays whole (this step found inf)."""
+    if scaler is not None:
+        if not unscaled:
+            scaler.unscale_(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -25,8 +25,8 @@ from .distill import DistillCfg, DistillLoss, TokenizerPair, TrunkCapture, conca
 from .accumulate import detach_direct
 from .distributed import World
 from .errors import UserError
-from .headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
-from .losses import ContrastiveLoss, LossCfg
+from .distill.headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
+from .losses import ContrastiveLoss, LossCfg, merge_terms
 from .models.text_trim import set_text_padding_trim, text_padding_trim
 
 Terms = Dict[str, torch.Tensor]
@@ -76,8 +76,8 @@ class Objective:
     def _build_cached_teacher(self, cfg, model, world, device) -> None:
         """The teacher's embeddings come from the cache: no teacher model, no teacher tokens.
         The manifest was checked against this run in trainer.check_config."""
-        from .teacher import preprocess_difference
-        from .teacher_cache import CachedTeacher, TeacherCache, preprocess_fields
+        from .distill.sharing import preprocess_difference
+        from .distill.cache import CachedTeacher, TeacherCache, preprocess_fields
 
         try:
             cache = TeacherCache(cfg.distill.teacher_cache)
@@ -91,7 +91,8 @@ class Objective:
         self.loss = self._distill_loss(cfg, world)
 
     def _build_teacher(self, cfg, model, world, device, student_tokenizer) -> None:
-        from .teacher import SharingPlan, Teacher, TeacherRunner, plan_sharing, preprocess_difference
+        from .distill.sharing import SharingPlan, plan_sharing, preprocess_difference
+        from .distill.teacher import Teacher, TeacherRunner
 
         d = cfg.distill
         if cfg.loss.siglip:
@@ -157,7 +158,7 @@ class Objective:
         else:
             terms = self.loss(out)
         if self.headalign is not None:
-            terms.update(self.headalign(out, self.reference(feats)))
+            terms = merge_terms(terms, self.headalign(out, self.reference(feats)))
         return terms
 
     @torch.no_grad()
@@ -190,7 +191,7 @@ class Objective:
         else:
             terms = self.loss(merged)
         if self.headalign is not None:
-            terms.update(self.headalign(merged, torch.cat([c["reference"] for c in cached])))
+            terms = merge_terms(terms, self.headalign(merged, torch.cat([c["reference"] for c in cached])))
         return terms
 
     # ------------------------------------------------------------------ schedule

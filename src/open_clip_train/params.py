@@ -26,6 +26,8 @@ import re
 import sys
 from typing import Callable, Sequence
 
+from .precision import PRECISIONS
+
 __all__ = ["ParseKwargs", "build_parser", "get_default_params", "parse_args"]
 
 
@@ -337,7 +339,7 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("precision / performance")
     g.add_argument(
         "--precision",
-        choices=["amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32"],
+        choices=list(PRECISIONS),
         default="amp", help="Floating point precision.")
     g.add_argument("--device", default="cuda", type=str, help="Accelerator to use.")
     g.add_argument(

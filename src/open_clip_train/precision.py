@@ -3,12 +3,18 @@ weights cast to that dtype, fp32 = nothing."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# The one list of names (the flag parser imports it, so torch is only imported where it is used).
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 
 
 def autocast(precision: str, device: torch.device):
+    import torch
+
     if precision in ("amp_bf16", "amp_bfloat16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "amp":
@@ -18,6 +24,8 @@ def autocast(precision: str, device: torch.device):
 
 
 def input_dtype(precision: str) -> Optional[torch.dtype]:
+    import torch
+
     if precision in ("bf16", "pure_bf16"):
         return torch.bfloat16
     if precision in ("fp16", "pure_fp16"):
@@ -28,5 +36,7 @@ def input_dtype(precision: str) -> Optional[torch.dtype]:
 def grad_scaler(precision: str, device: torch.device):
     """Loss scaling is only needed for fp16 autocast on CUDA."""
     if precision == "amp" and device.type == "cuda":
+        import torch
+
         return torch.amp.GradScaler("cuda")
     return None

@@ -1,4 +1,6 @@
-"""One refreshing status line for interactive runs: step/total, loss, samples/s and ETA.
+"""Progress reporting: the interval meter and the `Train Epoch:` log line / metrics row of
+each logging step (`TrainLog`), and one refreshing status line for interactive runs
+(`ProgressLine`): step/total, loss, samples/s and ETA.
 
 Shown only on rank 0 and only when its stream (stderr) is a terminal: a batch job, a run
 redirected to a file or piped (`2>&1 | tee`) and out.log never see it, and the log lines
@@ -19,7 +21,8 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, List, Optional, TextIO
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -129,3 +132,67 @@ class ProgressLine:
             self.stream.flush()
         except (OSError, ValueError):  # a closed terminal must not stop training
             self.active, self.shown = False, 0
+
+
+@dataclass
+class IntervalMeter:
+    """Samples/s and loss averaged over the logging interval (not just the last step)."""
+    t0: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    steps: int = 0
+    data_time: float = 0.0
+    losses: Dict[str, float] = field(default_factory=dict)
+    loss_steps: int = 0  # steps whose losses are in `losses` (a skipped non-finite step's are not)
+
+    def add(self, samples: int, terms: Dict[str, float], data_time: float) -> None:
+        self.samples += samples
+        self.steps += 1
+        self.data_time += data_time
+        self.loss_steps += bool(terms)
+        for k, v in terms.items():
+            self.losses[k] = self.losses.get(k, 0.0) + v
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9)
+
+
+@dataclass
+class TrainLog:
+    """One logging step's numbers: out.log's `Train Epoch:` line (upstream's format plus the
+    global step and every param group's lr) and the metrics.jsonl row come from the same values."""
+    epoch: int
+    step: int  # global optimizer step
+    epoch_step: int  # optimizer steps done in this epoch
+    steps_per_epoch: int
+    samples: int  # samples done in this epoch, all ranks
+    samples_per_epoch: int
+    data_time: float  # seconds per step
+    batch_time: float
+    samples_per_second: float
+    world_size: int
+    lr: Dict[str, float]  # param group name -> lr
+    logit_scale: float
+    losses: Dict[str, float]  # mean over the interval and the ranks
+    eta_seconds: float
+    skipped_nonfinite: int
+    trainable: Dict[str, int]  # visual, text, total
+
+    def line(self) -> str:
+        losses = " ".join(f"{k.capitalize()}: {v:#.5g}" for k, v in self.losses.items())
+        lrs = " ".join(f"{name}={lr:.3e}" for name, lr in self.lr.items())
+        sps = self.samples_per_second
+        return (f"Train Epoch: {self.epoch} [{self.samples}/{self.samples_per_epoch} "
+                f"({100 * self.epoch_step / self.steps_per_epoch:.0f}%)] step {self.step} "
+                f"Data (t): {self.data_time:.3f} Batch (t): {self.batch_time:.3f}, "
+                f"{sps:#g}/s, {sps / self.world_size:#g}/s/gpu LR: {lrs} Logit Scale: {self.logit_scale:.3f} "
+                f"{losses} ETA: {fmt_duration(self.eta_seconds)}"
+                + (f" Skipped non-finite: {self.skipped_nonfinite}" if self.skipped_nonfinite else ""))
+
+    def row(self) -> Dict[str, Any]:
+        """The metrics.jsonl object (read back by the compare tool)."""
+        return {"epoch": self.epoch, "step": self.step, "epoch_step": self.epoch_step,
+                "steps_per_epoch": self.steps_per_epoch, "samples": self.samples,
+                "samples_per_epoch": self.samples_per_epoch, "losses": dict(self.losses), "lr": dict(self.lr),
+                "samples_per_second": self.samples_per_second, "logit_scale": self.logit_scale,
+                "data_time": self.data_time, "batch_time": self.batch_time,
+                "skipped_nonfinite": self.skipped_nonfinite, "trainable": dict(self.trainable)}

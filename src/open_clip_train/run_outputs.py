@@ -1,6 +1,7 @@
 """What a run leaves behind, in upstream's places and formats:
 
-    <logs>/<name>/out.log                    text log (upstream's line format)
+    <logs>/<name>/out.log                    text log (upstream's line format), for people
+    <logs>/<name>/metrics.jsonl              one JSON object per logging step, for tools
     <logs>/<name>/params.txt                 one `name: value` line per resolved setting, sorted
     <logs>/<name>/provenance.json            git SHA, package versions, host, command line
     <logs>/<name>/checkpoints/epoch_N.pt     checkpoints
@@ -22,9 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import UserError
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
 DATE_FORMAT = "%Y-%m-%d,%H:%M:%S"
@@ -38,6 +38,10 @@ class RunPaths:
     @property
     def log(self) -> Path:
         return self.root / "out.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
 
     @property
     def params(self) -> Path:
@@ -126,48 +130,83 @@ def write_params(path: Path, settings: Dict[str, Any]) -> None:
 
 
 def append_result(path: Path, row: Dict[str, Any]) -> None:
+    _append_row(path, row)
+
+
+def append_metrics(path: Path, row: Dict[str, Any]) -> None:
+    _append_row(path, row)
+
+
+def _append_row(path: Path, row: Dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(_jsonable(row)) + "\n")
+        f.write(json.dumps(jsonable(row)) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _jsonable(row: Dict[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for k, v in row.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = str(v)
-        out[k] = v
-    return out
+def jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars as Python numbers, non-finite floats as strings (JSON has none),
+    through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
-def read_results(path: Path) -> List[Dict[str, Any]]:
-    """The rows of results.jsonl; a line that is not a JSON object (a write cut short by a kill)
-    is skipped with a warning."""
-    rows = []
-    if Path(path).exists():
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                logging.warning(f"{path}: dropping half-written line {n} ({line[:60]!r})")
-                continue
+def parse_jsonl(text: str) -> Tuple[List[Dict[str, Any]], List[Tuple[int, str]]]:
+    """JSON-lines text -> (the JSON objects, [(line number, line)] of lines that are not one:
+    a write cut short by a kill). Blank lines are skipped. The one reader of results.jsonl and
+    metrics.jsonl, for the trainer and the compare / results_table tools."""
+    rows, bad = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
             rows.append(row)
+        else:
+            bad.append((n, line))
+    return rows, bad
+
+
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """The rows of a JSON-lines file (none when it does not exist); a line that is not a JSON
+    object is skipped with a warning."""
+    if not Path(path).exists():
+        return []
+    rows, bad = parse_jsonl(Path(path).read_text(errors="replace"))
+    for n, line in bad:
+        logging.warning(f"{path}: dropping half-written line {n} ({line[:60]!r})")
     return rows
+
+
+read_results = read_jsonl
 
 
 def drop_results_after(path: Path, epoch: int) -> None:
     """Before training from `epoch` on (0 for a fresh start, which drops every row), drop rows
     of later epochs (and half-written lines), so results.jsonl keeps one row per evaluated epoch."""
+    _keep_rows(path, lambda r: epoch > 0 and r.get("epoch", 0) <= epoch)
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Before training from global step `step` on: drop the rows of later steps (a resumed run
+    logs them again) and half-written lines."""
+    _keep_rows(path, lambda r: isinstance(r.get("step"), int) and r["step"] <= step)
+
+
+def _keep_rows(path: Path, keep) -> None:
     if not Path(path).exists():
         return
-    rows = [r for r in read_results(path) if r.get("epoch", 0) <= epoch] if epoch > 0 else []
+    rows = [r for r in read_jsonl(path) if keep(r)]
     tmp = Path(path).with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)

@@ -16,11 +16,8 @@ import logging
 import math
 import random
 import time
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -33,180 +30,31 @@ from .accumulate import forward_backward_accum
 from .allocator import retain_freed_memory
 from .config import RunCfg
 from .data import BadTally, DataInfo, RetrievalData, get_data
-from .data.bad_samples import bad_of
+from .data.bad_budget import BadSampleBudget
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
 from .frozen_compile import FrozenTrunkCompiler
-from .freeze import FreezePlan, apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
+from .freeze import apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
-from .numerics import NonFiniteGuard, all_finite, is_failure
+from .numerics import NonFiniteGuard, agree_on_step, is_failure, skip_step
 from .objective import Objective
 from .preempt import StopRequest, signal_name
-from .teacher_cache import augmentation_notice
+from .distill.cache import augmentation_notice
 from .models import create_model, get_preprocess, get_tokenizer, loss_model_kwargs
 from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
-from .models.weights import fit_problems, load_torch_file
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
-from .progress import ProgressLine
-from .run_outputs import Reporters, RunPaths, append_result, drop_results_after
+from .preflight import user_errors
+from .progress import IntervalMeter, ProgressLine, TrainLog
+from .run_outputs import Reporters, RunPaths, append_metrics, append_result, drop_metrics_after, drop_results_after
 from .schedule import ScheduleCfg, lr_at
-
-
-@contextmanager
-def user_errors(what: str) -> Iterator[None]:
-    """Turn the library's ValueError / missing-file errors about user input into UserError."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        raise UserError(f"{what}: {e}") from None
-
-
-def _data_file_kind(dataset_type: str, path: str) -> Optional[str]:
-    """'coco' / 'csv' when `path` must be one local file, else None (webdataset URLs, synthetic)."""
-    if dataset_type in ("coco", "csv"):
-        return dataset_type
-    if dataset_type == "auto":
-        return {"json": "coco", "csv": "csv", "tsv": "csv"}.get(path.rsplit(".", 1)[-1].lower())
-    return None
-
-
-def check_config(cfg: RunCfg) -> None:
-    """User errors that need no data and no real weights, checked before any process group,
-    run directory or data read: the files the flags name, the model name, the tokenizer and
-    the whole freezing schedule (resolved on a meta-device model)."""
-    d, m = cfg.data, cfg.model
-    if not d.train_data and not d.val_data and d.dataset_type != "synthetic":
-        raise UserError("nothing to do: give --train-data and/or --val-data")
-    for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
-        if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
-            raise UserError(f"{flag} {path}: no such file")
-    for flag, path in (("--train-image-root", d.train_image_root), ("--val-image-root", d.val_image_root)):
-        if path and not Path(path).is_dir():
-            raise UserError(f"{flag} {path}: no such directory")
-    for flag, path in (("--pretrained", m.pretrained), ("--pretrained-image-path", m.pretrained_image_path),
-                       ("--pretrained-text-path", m.pretrained_text_path), ("--text-tokenizer", m.text_tokenizer)):
-        if path and not Path(path).exists():
-            raise UserError(f"{flag} {path}: no such file or directory (weights are only read from local paths)")
-    obj = cfg.objective
-    if obj.distill is not None:
-        for flag, path in (("--teacher-pretrained", obj.distill.teacher_pretrained),
-                           ("--teacher-cache", obj.distill.teacher_cache)):
-            if path and not Path(path).exists():
-                raise UserError(f"{flag} {path}: no such file or directory")
-        with _quiet(), user_errors(f"--teacher-model {obj.distill.teacher_model}"):
-            teacher, _ = create_model(obj.distill.teacher_model, device="meta")
-        if obj.distill.teacher_pretrained:
-            _check_fits("--teacher-pretrained", obj.distill.teacher_pretrained, teacher, cfg.trust_checkpoint,
-                        unexpected_ok=True)
-        if obj.distill.teacher_cache:
-            with _quiet():
-                _check_teacher_cache(cfg)
-    if obj.headalign is not None and not m.pretrained:
-        raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
-    resume = cfg.output.resume
-    if resume is not None and resume != "latest" and not Path(resume).is_file():
-        raise UserError(f"--resume {resume}: no such checkpoint")
-    with _quiet():
-        with user_errors(f"--model {m.name}"):
-            skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip))
-        with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
-            get_tokenizer(m.name, m.text_tokenizer)
-        build_plan(skeleton, cfg.freeze, cfg.train.epochs)
-    if resume is not None and resume != "latest":
-        _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
-    if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
-        with user_errors("--pretrained"):  # loading is tolerant of other architectures; unpickling is not
-            load_torch_file(m.pretrained, cfg.trust_checkpoint, mmap=True)
-
-
-def _check_fits(flag: str, path: str, skeleton: torch.nn.Module, trust: bool, unexpected_ok: bool = False) -> None:
-    """A checkpoint of another architecture (or one that needs unpickling) is refused before any
-    data or weights are read: memory-mapped, only its keys and shapes are looked at."""
-    if str(path).endswith(".safetensors"):
-        return
-    with user_errors(flag):
-        state = load_torch_file(path, trust, mmap=True)
-    sd = state.get("state_dict", state) if isinstance(state, dict) else None
-    if not isinstance(sd, dict):
-        raise UserError(f"{flag} {path}: not a checkpoint (no state_dict)")
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    problems = [p for p in fit_problems(sd, skeleton.state_dict()) if not (unexpected_ok and p.startswith("unexpected"))]
-    if problems:
-        arch = f" (saved from model {state['model']!r})" if isinstance(state.get("model"), str) else ""
-        raise UserError(f"{flag} {path}{arch} does not fit this model: {'; '.join(problems)}")
-
-
-def _check_teacher_cache(cfg: RunCfg) -> None:
-    """--teacher-cache against this run, before any weights or images are read: the manifest's
-    teacher (model, weights hash when --teacher-pretrained is given, its preprocessing), dataset
-    (type, annotation file hash, CSV columns) and, from the training set's ids, that every sample
-    has its rows."""
-    from .data import resolve_dataset_type, train_captioned
-    from .teacher_cache import TeacherCache, expected_fields
-
-    d, data = cfg.objective.distill, cfg.data
-    try:
-        cache = TeacherCache(d.teacher_cache)
-        expected = expected_fields(teacher_model=d.teacher_model, teacher_pretrained=d.teacher_pretrained)
-        if data.train_data or data.dataset_type == "synthetic":
-            kind = resolve_dataset_type(data.dataset_type, data.train_data or "")
-            if kind not in ("coco", "csv"):
-                raise UserError(f"--teacher-cache needs coco or csv training data (samples keyed by stable ids), "
-                                f"not {kind}")
-            expected.update(expected_fields(dataset_type=kind, annotations=data.train_data,
-                                            columns=[data.csv_img_key, data.csv_caption_key] if kind == "csv" else None))
-        cache.check(expected)
-        if data.train_data:
-            cache.check_covers(train_captioned(data).pair_ids(), f"--train-data {data.train_data}")
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"--teacher-cache: {e}") from None
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """No log output or warnings from the pre-flight build (the real build repeats them, into
-    out.log). The NullHandler also keeps `logging.info` from calling basicConfig(), which would
-    leave a second, unformatted stderr handler behind."""
-    root, null = logging.getLogger(), logging.NullHandler()
-    root.addHandler(null)
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-        root.removeHandler(null)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)
-
-
-@dataclass
-class _Meter:
-    """Samples/s and loss averaged over the logging interval (not just the last step)."""
-    t0: float = field(default_factory=time.perf_counter)
-    samples: int = 0
-    steps: int = 0
-    data_time: float = 0.0
-    losses: Dict[str, float] = field(default_factory=dict)
-    loss_steps: int = 0  # steps whose losses are in `losses` (a skipped non-finite step's are not)
-
-    def add(self, samples: int, terms: Dict[str, float], data_time: float) -> None:
-        self.samples += samples
-        self.steps += 1
-        self.data_time += data_time
-        self.loss_steps += bool(terms)
-        for k, v in terms.items():
-            self.losses[k] = self.losses.get(k, 0.0) + v
-
-    def elapsed(self) -> float:
-        return max(time.perf_counter() - self.t0, 1e-9)
 
 
 class Trainer:
@@ -221,8 +69,7 @@ class Trainer:
         self.verify_grads = True  # cheap frozen-gets-no-grad check on the first step after a change
         self.reporters: Optional[Reporters] = None
         self.nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite_steps)
-        self.epoch_bad = BadTally()  # this rank's bad samples in the current epoch
-        self.epoch_bad_total = 0  # all ranks' count, summed step by step
+        self.bad_budget = BadSampleBudget(cfg.data.max_bad_samples_fraction)
         self.where = ""  # "epoch E, batch b/n", for messages
         # glibc keeps freed memory once the steps settle into their steady form (allocator.py)
         self._retain_pending = cfg.malloc_retain and device.type == "cpu"
@@ -455,6 +302,7 @@ class Trainer:
         cfg = self.cfg
         if self.paths is not None and self.world.is_master:
             drop_results_after(self.paths.results, self.start_epoch)
+            drop_metrics_after(self.paths.metrics, self.step)
         if self.val_data is not None and cfg.eval.val_at_start and self.start_epoch == 0:
             self.evaluate(0)
         if self.train_data is None:
@@ -505,12 +353,12 @@ class Trainer:
         start = self.start_epoch_step if epoch == self.start_epoch else 0
         data.set_epoch(epoch, start_batch=start * accum)
         self.net.train()
-        meter = _Meter()
+        meter = IntervalMeter()
         epoch_t0 = time.perf_counter()
         batches: List = []
         t_data = time.perf_counter()
         steps_done = start
-        self.epoch_bad, self.epoch_bad_total = BadTally(), 0
+        self.bad_budget.new_epoch()
         # a refreshing status line on an interactive rank 0 only; the log lines are unchanged
         with ProgressLine(self.steps_per_epoch, epoch, cfg.train.epochs, enabled=self.world.is_master) as progress:
             for i, batch in enumerate(data.batches(), start=start * accum):
@@ -535,12 +383,12 @@ class Trainer:
                 last = steps_done == self.steps_per_epoch
                 if steps_done % cfg.train.log_every_n_steps == 0 or last:
                     self._log_progress(epoch, steps_done, steps_done - start, meter, epoch_t0)
-                    meter = _Meter()
+                    meter = IntervalMeter()
                 progress.update(steps_done, sum(terms.values()), cfg.train.batch_size * accum * self.world.world_size)
                 if self._step_boundary(epoch, steps_done):
                     return True
                 t_data = time.perf_counter()
-        tally = self._bad_over_ranks()
+        tally = self.bad_budget.over_ranks()
         logging.info(f"data, epoch {epoch}: {tally.describe(of=steps_done * accum * cfg.train.batch_size * self.world.world_size)}"
                      + (" (each replaced by a substitute sample)" if tally.total else ""))
         return False
@@ -583,22 +431,6 @@ class Trainer:
             h.flush()
         dist_env.barrier()
 
-    def _bad_over_ranks(self) -> BadTally:
-        parts = dist_env.all_gather_object(self.epoch_bad)
-        return parts[0].merge(parts[1:])
-
-    def _check_bad_data(self) -> None:
-        """As we go: stop once this epoch's bad samples exceed the allowed fraction of the whole
-        epoch (certain to be exceeded by its end), so a broken dataset wastes little time."""
-        limit = self.cfg.data.max_bad_samples_fraction * self.train_data.num_samples
-        if self.epoch_bad_total > limit:
-            tally = self._bad_over_ranks()
-            message = (f"bad training data: {tally.describe()} so far in {self.where.split(',')[0]}, more than "
-                       f"--max-bad-samples-fraction {self.cfg.data.max_bad_samples_fraction:g} of its "
-                       f"{self.train_data.num_samples} samples; fix or remove them, or raise the limit")
-            logging.error(message)
-            raise UserError(message)
-
     def _last_good_checkpoint(self) -> Optional[Path]:
         return ckpt.find_latest(self.paths.checkpoints) if self.paths is not None else None
 
@@ -628,11 +460,15 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             grad_norm = self._clip()
-        bad = [x for batch in batches for x in bad_of(batch)]
-        self.epoch_bad.add(bad)
-        loss_bad, grads_bad = self._agree_on_step(terms, grad_norm, len(bad))
+        bad = self.bad_budget.add_batches(batches)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        loss_bad, grads_bad, bad_total = agree_on_step(terms, grad_norm, params, self.scaler is not None, bad,
+                                                       self.device)
+        self.bad_budget.check(bad_total, self.train_data.num_samples, self.where.split(",")[0])
         if is_failure(not loss_bad, not grads_bad, self.scaler is not None):
-            self._skip_step(terms, "loss" if loss_bad else "gradient", unscaled=grad_norm is not None)
+            skip_step(self.optimizer, self.scaler, unscaled=grad_norm is not None)
+            self.nonfinite.failed("loss" if loss_bad else "gradient", self.step, self.where,
+                                  {k: float(v) for k, v in terms.items()}, self._last_good_checkpoint())
             return {k: float(v) for k, v in terms.items()}
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
@@ -642,35 +478,6 @@ class Trainer:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
         return {k: float(v) for k, v in terms.items()}
-
-    def _agree_on_step(self, terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor],
-                       bad_samples: int) -> tuple:
-        """(loss non-finite, gradients non-finite) on any rank, and the bad-data check, from one
-        all-reduce of [loss flag, gradient flag, this step's bad samples], so every rank takes
-        the same decisions. Gradients are only checked without a scaler (the scaler handles
-        them), through clipping's total norm when clipping is on, else one fused norm."""
-        loss_ok = all_finite(list(terms.values()))
-        if self.scaler is not None:
-            grads_ok = torch.tensor(True)
-        elif grad_norm is not None:
-            grads_ok = grad_norm.isfinite()
-        else:
-            grads_ok = all_finite([p.grad for g in self.optimizer.param_groups for p in g["params"]])
-        flags = torch.stack([(~loss_ok).float().cpu(), (~grads_ok).float().cpu(), torch.tensor(float(bad_samples))])
-        flags = dist_env.all_reduce_sum(flags.to(self.device)).cpu().tolist()
-        self.epoch_bad_total += int(flags[2])
-        self._check_bad_data()
-        return flags[0] > 0, flags[1] > 0
-
-    def _skip_step(self, terms: Dict[str, torch.Tensor], what: str, unscaled: bool) -> None:
-        """No update; or NonFiniteStop once more than --skip-nonfinite-steps steps were skipped."""
-        if self.scaler is not None:  # keep the scaler's bookkeeping whole: this step found inf
-            if not unscaled:
-                self.scaler.unscale_(self.optimizer)
-            self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite.failed(what, self.step, self.where, {k: float(v) for k, v in terms.items()},
-                              self._last_good_checkpoint())
 
     def _clip(self) -> torch.Tensor:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -699,34 +506,36 @@ class Trainer:
         if missing:
             logging.warning(f"{len(missing)} trainable params got no gradient this step, e.g. {missing[:3]}")
 
-    def _log_progress(self, epoch: int, steps_done: int, steps_here: int, meter: _Meter, epoch_t0: float) -> None:
+    def _log_progress(self, epoch: int, steps_done: int, steps_here: int, meter: IntervalMeter,
+                      epoch_t0: float) -> None:
+        """The `Train Epoch:` line in out.log, its row in metrics.jsonl, and the reporters."""
         total_steps = self.steps_per_epoch
         sps = meter.samples / meter.elapsed()
         per_step = (time.perf_counter() - epoch_t0) / max(steps_here, 1)  # steps this process ran
         remaining = (total_steps - steps_done) + total_steps * (self.cfg.train.epochs - epoch - 1)
-        eta = _fmt_time(per_step * remaining)
         # Each rank's loss covers its local rows (--local-loss); the mean over ranks is the
         # global batch's loss, so the logged value does not depend on how the batch is split.
         names = list(meter.losses)
         means = dist_env.all_reduce_mean(
             torch.tensor([meter.losses[k] / meter.loss_steps for k in names], dtype=torch.float64, device=self.device))
-        mean_loss = dict(zip(names, means.tolist()))
-        losses = " ".join(f"{k.capitalize()}: {v:#.5g}" for k, v in mean_loss.items())
-        lrs = " ".join(f"{g['name']}={g['lr']:.3e}" for g in self.optimizer.param_groups)
-        n_done = steps_done * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
-        n_total = total_steps * self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
-        logit_scale = float(self.model.logit_scale.detach().exp())
-        logging.info(
-            f"Train Epoch: {epoch} [{n_done}/{n_total} ({100 * steps_done / total_steps:.0f}%)] step {self.step} "
-            f"Data (t): {meter.data_time / meter.steps:.3f} Batch (t): {meter.elapsed() / meter.steps:.3f}, "
-            f"{sps:#g}/s, {sps / self.world.world_size:#g}/s/gpu LR: {lrs} Logit Scale: {logit_scale:.3f} "
-            f"{losses} ETA: {eta}" + (f" Skipped non-finite: {self.nonfinite.skipped}" if self.nonfinite.skipped else "")
-        )
+        per_step_samples = self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
+        log = TrainLog(
+            epoch=epoch, step=self.step, epoch_step=steps_done, steps_per_epoch=total_steps,
+            samples=steps_done * per_step_samples, samples_per_epoch=total_steps * per_step_samples,
+            data_time=meter.data_time / meter.steps, batch_time=meter.elapsed() / meter.steps,
+            samples_per_second=sps, world_size=self.world.world_size,
+            lr={g["name"]: g["lr"] for g in self.optimizer.param_groups},
+            logit_scale=float(self.model.logit_scale.detach().exp()), losses=dict(zip(names, means.tolist())),
+            eta_seconds=per_step * remaining, skipped_nonfinite=self.nonfinite.skipped,
+            trainable=count_trainable(self.model))
+        logging.info(log.line())
+        if self.world.is_master and self.paths is not None:
+            append_metrics(self.paths.metrics, log.row())
         if self.reporters is not None and self.reporters.active:
-            values = {f"train/{k}": v for k, v in mean_loss.items()}
-            values.update({f"train/lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
-            values.update({"train/samples_per_second": sps, "train/scale": logit_scale})
-            values.update({f"train/trainable_{k}": v for k, v in count_trainable(self.model).items()})
+            values = {f"train/{k}": v for k, v in log.losses.items()}
+            values.update({f"train/lr/{k}": v for k, v in log.lr.items()})
+            values.update({"train/samples_per_second": sps, "train/scale": log.logit_scale})
+            values.update({f"train/trainable_{k}": v for k, v in log.trainable.items()})
             self.reporters.scalars(values, self.step)
 
     # ---------------------------------------------------------------- eval
@@ -736,7 +545,7 @@ class Trainer:
         with user_errors("--val-data"):
             metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
                                          cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
-        self._report_bad_val(epoch, bad, metrics["num_images"] + metrics["num_bad_images"])
+        self.bad_budget.check_eval(epoch, self.val_data.dropped, bad, metrics["num_images"] + metrics["num_bad_images"])
         row = {"epoch": epoch, "num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images"),
                "num_bad_images": metrics.pop("num_bad_images")}
         row.update(metrics)
@@ -748,28 +557,6 @@ class Trainer:
                 self.reporters.scalars({f"val/{k}": v for k, v in metrics.items()}, self.step)
         return row
 
-    def _report_bad_val(self, epoch: int, bad: BadTally, num_images: int) -> None:
-        """Bad evaluation images (left out of the metrics) and entries dropped at load: logged,
-        and a user error past --max-bad-samples-fraction of the evaluation set."""
-        parts = dist_env.all_gather_object(bad)
-        tally = self.val_data.dropped.merge(parts)
-        if not tally.total:
-            return
-        entries = num_images + self.val_data.dropped.total
-        logging.warning(f"Eval Epoch: {epoch} left out {tally.describe(of=entries)}")
-        limit = self.cfg.data.max_bad_samples_fraction
-        if tally.total > limit * entries:
-            raise UserError(f"bad evaluation data: {tally.describe(of=entries)}, more than "
-                            f"--max-bad-samples-fraction {limit:g}; fix or remove them, or raise the limit")
-
     def close(self) -> None:
         if self.reporters is not None:
             self.reporters.close()
-
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"

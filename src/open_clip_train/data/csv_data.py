@@ -9,22 +9,6 @@ import csv
 from pathlib import Path
 
 
-def load_csv_captions(
-    path: str | Path,
-    img_key: str = "filepath",
-    caption_key: str = "title",
-    sep: str = "\t",
-    image_root: str | Path | None = None,
-) -> tuple[list[str], list[list[str]]]:
-    """Unique image paths (first-appearance order) and each one's captions (row order).
-
-    Relative image paths are resolved against image_root when given, else (as upstream)
-    against the working directory.
-    """
-    images, captions, _ = load_csv_rows(path, img_key, caption_key, sep, image_root)
-    return images, captions
-
-
 def load_csv_rows(
     path: str | Path,
     img_key: str = "filepath",
@@ -32,8 +16,13 @@ def load_csv_rows(
     sep: str = "\t",
     image_root: str | Path | None = None,
 ) -> tuple[list[str], list[list[str]], list[list[int]]]:
-    """As load_csv_captions, plus each caption's data row number (0 = the first row after the
-    header): the caption's stable id (the image's id is its index in the unique-image list)."""
+    """Unique image paths (first-appearance order), each one's captions (row order) and each
+    caption's data row number (0 = the first row after the header): the caption's stable id (the
+    image's id is its index in the unique-image list).
+
+    Relative image paths are resolved against image_root when given, else (as upstream)
+    against the working directory.
+    """
     path = Path(path)
     groups: dict[str, list[str]] = {}
     rows: dict[str, list[int]] = {}

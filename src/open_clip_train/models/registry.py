@@ -17,11 +17,11 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
+from ..precision import PRECISIONS
 from . import text_trim
 from .gpt2 import GPT2CLIP, CausalTokenizer
 from .weights import LoadReport, gpt2_state_dict, load_into, new_report, read_state_dict
 
-PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 Tokenizer = Callable[[str | Sequence[str]], torch.Tensor]
 
 

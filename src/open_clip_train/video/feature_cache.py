@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..teacher_cache import MANIFEST, _flatten, _jsonable, _short
+from ..distill.cache import MANIFEST, _flatten, _short
+from ..run_outputs import jsonable as _jsonable
 
 FORMAT = "frozen-feature-cache/1"
 DTYPES = ("float32", "float16", "float64", "bfloat16")

@@ -166,7 +166,7 @@ class OpenClipFrameTeacher(VideoTeacher):
     def from_pretrained(cls, name: str, pretrained: str, *, device: str | torch.device = "cpu",
                         precision: str = "fp32", **kw) -> "OpenClipFrameTeacher":
         """Build `name` with the project's model registry and load `pretrained` (every weight must load)."""
-        from ..teacher import Teacher  # the image teacher's checked loading
+        from ..distill.teacher import Teacher  # the image teacher's checked loading
         image_teacher = Teacher.from_pretrained(name, pretrained, device=device, precision=precision)
         return cls(image_teacher.model, name=name, weights_path=str(pretrained), **kw)
 

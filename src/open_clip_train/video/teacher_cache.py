@@ -1,5 +1,5 @@
 """Video teacher features computed once and read back per training step (sibling of the image
-cache in open_clip_train.teacher_cache: same manifest-last rule, shards per rank, id lookup).
+cache in open_clip_train.distill.cache: same manifest-last rule, shards per rank, id lookup).
 
 The B x B teacher similarity depends on which samples share a batch, so the cache holds the
 features (what the teacher's encoders give, per video and per caption) and the head's few
@@ -27,7 +27,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..teacher_cache import MANIFEST, _flatten, _jsonable, _short, file_sha256
+from ..distill.cache import MANIFEST, _flatten, _short, file_sha256
+from ..run_outputs import jsonable as _jsonable
 from .teacher import TeacherFeatures, TextFeatures, VideoFeatures, VideoTeacher, head_similarity, \
     sentence_frame_relevance
 

@@ -20,13 +20,13 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill import Outputs, kl_rows
+from .losses import Outputs, kl_rows
 
 HEADALIGN_MODES = ("cosine", "kl")
 _HEAD = "visual.head."
@@ -86,7 +86,7 @@ def read_head_state(path: str | Path, trust: bool = False) -> Dict[str, torch.Te
         with safe_open(path, framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
     else:
-        from .models.weights import load_torch_file
+        from ..models.weights import load_torch_file
 
         state = load_torch_file(path, trust, mmap=True)  # weights-only unless trusted
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -180,8 +180,3 @@ class HeadAlignLoss(nn.Module):
             new_logits, ref_logits = scale * new @ text.T, scale * ref @ text.T
             value = (kl_rows(ref_logits, new_logits) + kl_rows(ref_logits.T, new_logits.T)) / 2
         return {"headalign_loss": self.weight * value}
-
-
-def reference_head_keys(state_dict: Mapping[str, torch.Tensor]) -> Sequence[str]:
-    """The checkpoint's image-head keys, e.g. for a log line."""
-    return sorted(k for k in state_dict if k.startswith(_HEAD))

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..run_outputs import jsonable
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode")
@@ -54,11 +56,7 @@ def preprocess_fields(preprocess_cfg: Mapping[str, Any]) -> Dict[str, Any]:
         size = (size, size)
     out = {k: preprocess_cfg.get(k) for k in PREPROCESS_KEYS}
     out["size"] = size
-    return _jsonable(out)
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x))
+    return jsonable(out)
 
 
 def shard_path(directory: str | Path, rank: int, what: str) -> Path:
@@ -137,7 +135,7 @@ def write_manifest(directory: str | Path, meta: Mapping[str, Any], world_size: i
                                  f"{emb.dtype}, shard 0's {dims[kind]}")
             entry[f"{kind}s"] = int(emb.shape[0])
         shards.append(entry)
-    manifest = dict(_jsonable(dict(meta)))
+    manifest = dict(jsonable(dict(meta)))
     manifest.update({
         "format": FORMAT_VERSION,
         "embedding": {"image_dim": dims["image"][0], "text_dim": dims["text"][0], "dtype": dims["image"][1],
@@ -204,7 +202,7 @@ def expected_fields(
     if teacher_model:
         out["teacher.model"] = teacher_model
         if preprocess_cfg is None:
-            from .models import create_model
+            from ..models import create_model
             preprocess_cfg = create_model(teacher_model, device="meta")[0].visual.preprocess_cfg
     if teacher_pretrained:
         out["teacher.weights_sha256"] = file_sha256(teacher_pretrained)
@@ -323,7 +321,7 @@ class TeacherCache:
         `expected`: dotted ('teacher.model') or nested ({'teacher': {'model': ..}}) fields; see
         expected_fields. Values compare after JSON normalisation (tuples == lists)."""
         have = _flatten(self.manifest)
-        for field, want in _flatten(_jsonable(dict(expected))).items():
+        for field, want in _flatten(jsonable(dict(expected))).items():
             if want is None:
                 continue
             if field not in have:

@@ -1,4 +1,4 @@
-"""Distillation loss, the two token streams of a batch, and the plumbing both need.
+"""The distillation loss and the gradient-cache accumulation inputs.
 
 * `DistillLoss`: CLIP contrastive loss of the student plus a temperature-scaled KL divergence
   from the teacher's image->text and text->image distributions to the student's (upstream's
@@ -6,20 +6,15 @@
   teacher's entropy; here a student that matches the teacher scores exactly 0). Features in,
   named terms out, with open_clip ClipLoss's distributed semantics (local_loss,
   gather_with_grad); teacher features are gathered without autograd.
-* `TokenizerPair`: student and teacher tokenizers (e.g. GPT-2 student, CLIP-BPE teacher) applied
-  to the same captions, as a tuple or as one joint tensor that an unchanged dataset can carry.
 * `merge_micro_batch` / `concat_outputs`: the gradient-cache accumulation (`--accum-freq`) inputs.
-* `TrunkCapture`: the student's trunk features (timm `forward_features`) from its ordinary
-  forward, for the teacher to reuse (teacher.py) and for head alignment (headalign.py).
 
 Nothing here reads trainer arguments; `DistillCfg` is the typed config the CLI maps onto.
 """
 from __future__ import annotations
 
 import math
-import types
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +22,6 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
-Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 Outputs = Mapping[str, torch.Tensor]
 FEATURE_KEYS = ("image_features", "text_features")
 
@@ -172,139 +166,3 @@ def concat_outputs(parts: Sequence[Outputs], keys: Sequence[str] = FEATURE_KEYS)
 
 # ---------------------------------------------------------------------------------------------
 # tokenizers
-
-_PROBE_TEXTS = (
-    "a photo of a dog.",
-    "Two people riding bicycles down a busy street at night!",
-    "",
-    "an extremely long caption " + "that keeps going and going " * 12,
-    "naïve café, 123 UPPER lower",
-)
-
-
-def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    if a is b:
-        return True
-    try:
-        ta, tb = a(list(_PROBE_TEXTS)), b(list(_PROBE_TEXTS))
-    except Exception:  # a tokenizer that rejects the probe cannot be assumed equal
-        return False
-    return ta.shape == tb.shape and bool(torch.equal(ta, tb))
-
-
-class TokenizerPair:
-    """Tokenise captions for the student and the teacher.
-
-    `pair(texts) -> (student_tokens, teacher_tokens)`; when both tokenizers give identical
-    tokens (checked on probe captions) the teacher tokens are the student tensor itself and
-    `same` is True (a precondition for sharing the text tower, see teacher.plan_sharing).
-
-    For datasets that call `tokenizer([caption])[0]` per sample, `joint` returns one tensor
-    [N, Ls + Lt] and `split` recovers the two streams after batching.
-    """
-
-    def __init__(self, student: Tokenizer, teacher: Optional[Tokenizer] = None):
-        self.student = student
-        self.teacher = teacher if teacher is not None else student
-        self.same = _same_tokenizer(self.student, self.teacher)
-        # fixed-length tokenizers: the split point of a joint tensor, known in every process
-        self.student_len = int(self.student(["probe"]).shape[1])
-
-    def __call__(self, texts: Sequence[str] | str) -> Tuple[torch.Tensor, torch.Tensor]:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        s = self.student(texts)
-        return s, (s if self.same else self.teacher(texts))
-
-    def joint(self, texts: Sequence[str] | str) -> torch.Tensor:
-        s, t = self(texts)
-        return s if self.same else torch.cat([s, t.to(s.dtype)], dim=1)
-
-    def split(self, joint: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.same:
-            return joint, joint
-        return joint[:, :self.student_len], joint[:, self.student_len:]
-
-    def collate(self, batch: Sequence[Tuple[torch.Tensor, str]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DataLoader collate_fn for (image, caption) samples -> (images, student_tokens, teacher_tokens)."""
-        images = torch.stack([b[0] for b in batch])
-        s, t = self([b[1] for b in batch])
-        return images, s, t
-
-
-# ---------------------------------------------------------------------------------------------
-# trunk features from the student's own forward
-
-_SLOT = "_trunk_capture_slot"
-
-
-class _Slot:
-    """Holds the last capture; a deepcopy of the model (EMA) gets an empty slot, never the
-    captured tensor (a non-leaf tensor cannot be deep-copied)."""
-    value: Optional[torch.Tensor] = None
-
-    def __deepcopy__(self, memo) -> "_Slot":
-        return _Slot()
-
-
-def _capturing_forward_features(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    out = type(self).forward_features(self, x, *args, **kwargs)
-    self.__dict__[_SLOT].value = out
-    return out
-
-
-def clear_capture(trunk: nn.Module) -> None:
-    slot = trunk.__dict__.get(_SLOT)
-    if slot is not None:
-        slot.value = None
-
-
-class TrunkCapture:
-    """Keeps the output of `model.visual.trunk.forward_features` (the timm feature map, before the
-    trunk's pooling/norm head) from every forward of the model, DDP-wrapped or not.
-
-    Installed as a bound method in the trunk's instance dict, so a deepcopy of the model (an EMA
-    copy) captures into its own copy. `pop()` returns the last capture and clears it (None when
-    the trunk did not run since). The tensor keeps its autograd graph (consumers detach it):
-    pop after every forward, also the ones whose features are not needed, to free it.
-    """
-
-    def __init__(self, model: nn.Module):
-        model = getattr(model, "module", model)  # DDP wrapper -> the model
-        visual = getattr(model, "visual", None)
-        trunk = getattr(visual, "trunk", None)
-        if trunk is None or not (hasattr(trunk, "forward_features") and hasattr(trunk, "forward_head")):
-            raise ValueError(
-                "trunk features need a timm image tower (model.visual.trunk with forward_features/forward_head), "
-                f"got {type(visual).__name__}"
-            )
-        self.trunk = trunk
-        trunk.__dict__.setdefault(_SLOT, _Slot())  # one slot per trunk, however many captures
-        trunk.forward_features = types.MethodType(_capturing_forward_features, trunk)
-
-    def pop(self) -> Optional[torch.Tensor]:
-        slot = self.trunk.__dict__.get(_SLOT)
-        if slot is None:  # closed
-            return None
-        value, slot.value = slot.value, None
-        return value
-
-    def close(self) -> None:
-        self.trunk.__dict__.pop(_SLOT, None)
-        self.trunk.__dict__.pop("forward_features", None)
-
-    def __enter__(self) -> "TrunkCapture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def stack_losses(terms: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Merge several named-term dicts (e.g. DistillLoss + HeadAlignLoss); names must not collide."""
-    out: Dict[str, torch.Tensor] = {}
-    for t in terms:
-        clash = set(out) & set(t)
-        if clash:
-            raise ValueError(f"loss terms {sorted(clash)} produced twice")
-        out.update(t)
-    return out

@@ -1,0 +1,147 @@
+"""Pre-flight checks: user errors that need no data and no real weights, found before any
+process group, run directory or data read (`check_config`), so a typo costs seconds, not a
+cluster allocation: the files the flags name, the model name, the tokenizer, the whole freezing
+schedule (resolved on a meta-device model), checkpoints that do not fit, and a teacher cache
+that does not match the run."""
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .config import RunCfg
+from .errors import UserError
+from .freeze import build_plan
+from .models import create_model, get_tokenizer, loss_model_kwargs
+from .models.weights import fit_problems, load_torch_file
+
+
+@contextmanager
+def user_errors(what: str) -> Iterator[None]:
+    """Turn the library's ValueError / missing-file errors about user input into UserError."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+def _data_file_kind(dataset_type: str, path: str) -> Optional[str]:
+    """'coco' / 'csv' when `path` must be one local file, else None (webdataset URLs, synthetic)."""
+    if dataset_type in ("coco", "csv"):
+        return dataset_type
+    if dataset_type == "auto":
+        return {"json": "coco", "csv": "csv", "tsv": "csv"}.get(path.rsplit(".", 1)[-1].lower())
+    return None
+
+
+def check_config(cfg: RunCfg) -> None:
+    """User errors that need no data and no real weights, checked before any process group,
+    run directory or data read: the files the flags name, the model name, the tokenizer and
+    the whole freezing schedule (resolved on a meta-device model)."""
+    d, m = cfg.data, cfg.model
+    if not d.train_data and not d.val_data and d.dataset_type != "synthetic":
+        raise UserError("nothing to do: give --train-data and/or --val-data")
+    for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
+        if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: no such file")
+    for flag, path in (("--train-image-root", d.train_image_root), ("--val-image-root", d.val_image_root)):
+        if path and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: no such directory")
+    for flag, path in (("--pretrained", m.pretrained), ("--pretrained-image-path", m.pretrained_image_path),
+                       ("--pretrained-text-path", m.pretrained_text_path), ("--text-tokenizer", m.text_tokenizer)):
+        if path and not Path(path).exists():
+            raise UserError(f"{flag} {path}: no such file or directory (weights are only read from local paths)")
+    obj = cfg.objective
+    if obj.distill is not None:
+        for flag, path in (("--teacher-pretrained", obj.distill.teacher_pretrained),
+                           ("--teacher-cache", obj.distill.teacher_cache)):
+            if path and not Path(path).exists():
+                raise UserError(f"{flag} {path}: no such file or directory")
+        with _quiet(), user_errors(f"--teacher-model {obj.distill.teacher_model}"):
+            teacher, _ = create_model(obj.distill.teacher_model, device="meta")
+        if obj.distill.teacher_pretrained:
+            _check_fits("--teacher-pretrained", obj.distill.teacher_pretrained, teacher, cfg.trust_checkpoint,
+                        unexpected_ok=True)
+        if obj.distill.teacher_cache:
+            with _quiet():
+                _check_teacher_cache(cfg)
+    if obj.headalign is not None and not m.pretrained:
+        raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
+    resume = cfg.output.resume
+    if resume is not None and resume != "latest" and not Path(resume).is_file():
+        raise UserError(f"--resume {resume}: no such checkpoint")
+    with _quiet():
+        with user_errors(f"--model {m.name}"):
+            skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip))
+        with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
+            get_tokenizer(m.name, m.text_tokenizer)
+        build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+    if resume is not None and resume != "latest":
+        _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
+    if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
+        with user_errors("--pretrained"):  # loading is tolerant of other architectures; unpickling is not
+            load_torch_file(m.pretrained, cfg.trust_checkpoint, mmap=True)
+
+
+def _check_fits(flag: str, path: str, skeleton: torch.nn.Module, trust: bool, unexpected_ok: bool = False) -> None:
+    """A checkpoint of another architecture (or one that needs unpickling) is refused before any
+    data or weights are read: memory-mapped, only its keys and shapes are looked at."""
+    if str(path).endswith(".safetensors"):
+        return
+    with user_errors(flag):
+        state = load_torch_file(path, trust, mmap=True)
+    sd = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"{flag} {path}: not a checkpoint (no state_dict)")
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    problems = [p for p in fit_problems(sd, skeleton.state_dict()) if not (unexpected_ok and p.startswith("unexpected"))]
+    if problems:
+        arch = f" (saved from model {state['model']!r})" if isinstance(state.get("model"), str) else ""
+        raise UserError(f"{flag} {path}{arch} does not fit this model: {'; '.join(problems)}")
+
+
+def _check_teacher_cache(cfg: RunCfg) -> None:
+    """--teacher-cache against this run, before any weights or images are read: the manifest's
+    teacher (model, weights hash when --teacher-pretrained is given, its preprocessing), dataset
+    (type, annotation file hash, CSV columns) and, from the training set's ids, that every sample
+    has its rows."""
+    from .data import resolve_dataset_type, train_captioned
+    from .distill.cache import TeacherCache, expected_fields
+
+    d, data = cfg.objective.distill, cfg.data
+    try:
+        cache = TeacherCache(d.teacher_cache)
+        expected = expected_fields(teacher_model=d.teacher_model, teacher_pretrained=d.teacher_pretrained)
+        if data.train_data or data.dataset_type == "synthetic":
+            kind = resolve_dataset_type(data.dataset_type, data.train_data or "")
+            if kind not in ("coco", "csv"):
+                raise UserError(f"--teacher-cache needs coco or csv training data (samples keyed by stable ids), "
+                                f"not {kind}")
+            expected.update(expected_fields(dataset_type=kind, annotations=data.train_data,
+                                            columns=[data.csv_img_key, data.csv_caption_key] if kind == "csv" else None))
+        cache.check(expected)
+        if data.train_data:
+            cache.check_covers(train_captioned(data).pair_ids(), f"--train-data {data.train_data}")
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"--teacher-cache: {e}") from None
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No log output or warnings from the pre-flight build (the real build repeats them, into
+    out.log). The NullHandler also keeps `logging.info` from calling basicConfig(), which would
+    leave a second, unformatted stderr handler behind."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    root.addHandler(null)
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+        root.removeHandler(null)
