@@ -21,7 +21,7 @@ from open_clip_train.accumulate import forward_backward_accum
 from open_clip_train.demo_data import generate
 from open_clip_train.distill import DistillCfg
 from open_clip_train.distributed import World
-from open_clip_train.headalign import HeadAlignCfg
+from open_clip_train.distill.headalign import HeadAlignCfg
 from open_clip_train.losses import LossCfg
 from open_clip_train.main import main
 from open_clip_train.models import create_model, get_tokenizer, loss_model_kwargs
