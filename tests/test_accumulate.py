@@ -26,7 +26,7 @@ from open_clip_train.losses import LossCfg
 from open_clip_train.main import main
 from open_clip_train.models import create_model, get_tokenizer, loss_model_kwargs
 from open_clip_train.objective import Objective, ObjectiveCfg
-from rank_dump import DUMP_SCRIPT
+from launch import DUMP_SCRIPT
 
 STUDENT = "tiny-convnext-cliptext"
 TEACHER = "tiny-convnext-cliptext-linear"
@@ -186,7 +186,7 @@ def test_accumulated_run_equals_whole_batch_run(objective, demo, teacher_ckpt, r
 
 @pytest.mark.slow
 def test_two_ranks_accumulating_equal_one_process_with_the_whole_batch(demo, tmp_path, monkeypatch):
-    from test_ddp import in_process, torchrun
+    from launch import in_process, torchrun
 
     script = tmp_path / "dump_main.py"
     script.write_text(DUMP_SCRIPT)

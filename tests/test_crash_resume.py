@@ -28,6 +28,8 @@ from open_clip_train.demo_data import generate
 from open_clip_train.main import main
 from open_clip_train.preempt import EXIT_STOPPED
 
+from launch import assert_same_checkpoint, clean_env, load
+
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-convnext-cliptext"
@@ -67,14 +69,9 @@ def in_process(argv, fault=None):
 
 
 def subprocess_run(argv, fault):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHONPATH")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", **{faults.ENV: fault})
+    env = clean_env(**{faults.ENV: fault})
     return subprocess.run([sys.executable, "-m", "open_clip_train.main", *argv], env=env, capture_output=True,
                           text=True, timeout=300)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rows(run_dir: Path):
@@ -99,15 +96,8 @@ def reference(demo, logs):
 
 def assert_same_end(reference: Path, run: Path):
     ref, got = load(reference / "checkpoints" / f"epoch_{EPOCHS}.pt"), load(run / "checkpoints" / f"epoch_{EPOCHS}.pt")
-    assert got["step"] == ref["step"] == EPOCHS * STEPS_PER_EPOCH
-    assert ref["state_dict"].keys() == got["state_dict"].keys()
-    assert [k for k in ref["state_dict"] if not torch.equal(ref["state_dict"][k], got["state_dict"][k])] == []
-    assert got["param_groups"] == ref["param_groups"]
-    ro, go = ref["optimizer"], got["optimizer"]
-    assert [g["lr"] for g in go["param_groups"]] == [g["lr"] for g in ro["param_groups"]]
-    for i in ro["state"]:
-        for key, value in ro["state"][i].items():
-            assert torch.equal(value, go["state"][i][key]), (i, key)
+    assert got["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert_same_checkpoint(ref, got)
     assert [r["epoch"] for r in rows(run)] == list(range(1, EPOCHS + 1))  # one row per epoch
     assert rows(run) == rows(reference)
 

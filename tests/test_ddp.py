@@ -10,24 +10,17 @@ Per-rank final weights come from a tiny launcher script that wraps `Trainer.clos
 checkpoint only holds rank 0's copy); nothing in the trainer exists for the test's sake.
 """
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from open_clip_train import trainer as trainer_module
 from open_clip_train.demo_data import generate
-from rank_dump import DUMP_SCRIPT
-from open_clip_train.main import main
+from launch import DUMP_SCRIPT, in_process, load, torchrun
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 MODEL = "tiny-convnext-cliptext"
 # Exact by construction: the two layouts compute the same sums in a different order, so their
 # gradients agree to float32 rounding. Plain SGD turns a gradient difference into a weight
@@ -50,41 +43,6 @@ ADAM_TOL = 4e-6  # measured 4.4e-7; 2.9e-3 with the DDP rebuild at the unlock re
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("demo"), num_train=32, num_val=8, image_size=32, seed=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, script: Path, args, dump_dir: Path, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHONPATH")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", DUMP_DIR=str(dump_dir))
-    cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def in_process(argv, dump_dir: Path, monkeypatch) -> None:
-    """The same run in this process, single rank, dumping its final weights the same way, on one
-    thread like each torchrun worker (OMP_NUM_THREADS=1), so kernels reduce in the same order."""
-    close = trainer_module.Trainer.close
-
-    def dump_then_close(self):
-        torch.save(self.model.state_dict(), dump_dir / f"rank{self.world.rank}.pt")
-        close(self)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with monkeypatch.context() as m:
-            m.setattr(trainer_module.Trainer, "close", dump_then_close)
-            assert main([str(a) for a in argv]) == 0
-    finally:
-        torch.set_num_threads(threads)
 
 
 def common(demo, logs, name, optim=SGD):
@@ -112,10 +70,6 @@ def two_and_one(demo, root: Path, optim, tag: str):
 def runs(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     return root, two_and_one(demo, root, SGD, "")
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_two_ranks_end_with_identical_weights(runs):

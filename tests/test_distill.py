@@ -3,7 +3,6 @@ import copy
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from open_clip_train.distill.headalign import HeadAlignCfg, HeadAlignLoss, build
 from open_clip_train.models import create_model, get_tokenizer
 from open_clip_train.distill.sharing import plan_sharing
 from open_clip_train.distill.teacher import Teacher, TeacherRunner
+
+from launch import free_port
 
 STUDENT = "tiny-convnext-cliptext"  # attention-pool head
 TEACHER = "tiny-convnext-cliptext-linear"  # same trunk and text tower, open_clip's pooled linear head
@@ -164,12 +165,6 @@ def test_accumulation_with_cached_teacher_equals_full_batch():
     torch.testing.assert_close(net.weight.grad, want)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, data: dict, out_dir: str) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -196,7 +191,7 @@ def _ddp_worker(rank: int, world: int, port: int, data: dict, out_dir: str) -> N
 def test_two_ranks_equal_one(tmp_path):
     torch.manual_seed(0)
     data = {k: F.normalize(torch.randn(8, 6), dim=-1) for k in ("s_img", "s_txt", "t_img", "t_txt")}
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), data, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), data, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     a, b = data["s_img"].clone().requires_grad_(), data["s_txt"].clone().requires_grad_()

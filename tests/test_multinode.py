@@ -13,7 +13,6 @@ test_ddp.py). The ranks read different shards, so equal weights mean DDP synchro
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,13 +22,12 @@ import pytest
 import torch
 
 from open_clip_train.demo_data import generate
-from rank_dump import DUMP_SCRIPT
+from launch import DUMP_SCRIPT, TORCHRUN, clean_env, free_port, is_launcher_var, load
 from open_clip_train.distributed import SLURM_PORT_BASE
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 MODEL = "tiny-convnext-cliptext"
 STEPS = 4  # 32 samples / (2 ranks x batch 4)
 
@@ -48,30 +46,6 @@ def train_args(demo, logs: Path, name: str):
             "--epochs", "1", "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-augment",
             "--coco-caption-sampling", "random", "--lr", "1e-3", "--warmup", "1", "--device", "cpu", "--seed", "0",
             "--log-every-n-steps", "1", "--log-dir", str(logs), "--name", name]
-
-
-def free_port(candidates=None) -> int:
-    for port in candidates or [0]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
-
-
-def is_launcher_var(key: str) -> bool:
-    return key.startswith("SLURM_") or key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                               "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH")
-
-
-def clean_env(dump_dir: Path, **extra) -> dict:
-    """This machine's environment without any launcher variable, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not is_launcher_var(k)}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", DUMP_DIR=str(dump_dir))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def run_together(commands, envs, timeout: int = 240):
@@ -123,10 +97,6 @@ def srun_tasks(setup):
     envs = [clean_env(dump, SLURM_PROCID=task, SLURM_LOCALID=task, **slurm) for task in (0, 1)]
     stderr = run_together(commands, envs)
     return dump, root / "logs" / "srun", SLURM_PORT_BASE + job_id % 10000, stderr
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def initial_weights() -> dict:

@@ -219,7 +219,7 @@ RANK_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_two_ranks_with_cache(setup, tmp_path):
-    from test_ddp import torchrun
+    from launch import torchrun
 
     root, demo, ckpt, cache = setup
     script = tmp_path / "rank_main.py"

@@ -1,10 +1,6 @@
 """Zero-shot classification: answers worked out by hand, upstream's keys and frequency, errors,
 the demo's labelled folder with a real tiny model, and 2 ranks == 1."""
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import zeroshot_fakes as fakes
+from launch import torchrun
 from open_clip_train.distributed import World
 from open_clip_train.zeroshot import ZeroShotCfg, ZeroShotEvaluator, build_sets, evaluate_zeroshot
 
@@ -221,15 +218,6 @@ def test_ranks_share_the_work_and_agree_with_one_process(stripes, tmp_path, npro
                             1, 1, CPU, "fp32", World())
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHONPATH")}
-    env.update(OMP_NUM_THREADS="1", FAKES_DIR=str(Path(__file__).parent))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                           "--master_port", str(port), str(script), str(root / "data"), names, templates,
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(nproc, script, [root / "data", names, templates, tmp_path], tmp_path, FAKES_DIR=Path(__file__).parent)
     for r in range(nproc):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == one
