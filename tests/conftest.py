@@ -8,6 +8,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
+from open_clip_train.errors import register_flags  # noqa: E402
+from open_clip_train.params import build_parser, flag_spellings  # noqa: E402
+
+# The library's messages spell settings as the command line does once it registered them
+# (params.parse_args); unit tests that call the library directly see the same messages.
+register_flags(flag_spellings(build_parser()))
+
 EOS_TOKEN = "<|endoftext|>"
 
 _SUBJECTS = ["a dog", "two cats", "a red car", "an old man", "a small bird", "a child", "three horses", "a boat"]

@@ -263,6 +263,18 @@ def test_bad_input_is_one_user_error(cfg, epochs, message):
     assert "\n" not in str(e.value)
 
 
+def test_library_messages_take_their_spelling_from_the_front_end(monkeypatch):
+    """The library names settings; the command line says how they are spelled (errors.flag)."""
+    from open_clip_train import errors
+
+    monkeypatch.setattr(errors, "_SPELLING", {})  # the library used from code, no command line
+    with pytest.raises(UserError, match=r"^unfreeze_image_at_epoch 5 is beyond the run \(epochs 4\)"):
+        build_plan(_model(), _cfg(image=dict(lock=True, unfreeze_at_epoch=5)), 4)
+    errors.register_flags({"unfreeze_image_at_epoch": "--unfreeze-image-at-epoch", "epochs": "--epochs"})
+    with pytest.raises(UserError, match=r"^--unfreeze-image-at-epoch 5 is beyond the run \(--epochs 4\)"):
+        build_plan(_model(), _cfg(image=dict(lock=True, unfreeze_at_epoch=5)), 4)
+
+
 def test_unlock_epoch_never_reached_warns(caplog):
     with caplog.at_level(logging.WARNING):
         plan = build_plan(_model(), _cfg(image=dict(lock=True, unfreeze_at_epoch=4)), epochs=4)

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import distributed as dist_env
-from .errors import RunFailure
+from .errors import RunFailure, flag
 
 EXIT_CODE = RunFailure.exit_code
 
@@ -58,10 +58,10 @@ class NonFiniteGuard:
         head = f"non-finite {what} at step {step} ({where}): {format_terms(terms)}"
         if self.skipped <= self.max_skips:
             logging.warning(f"{head}; step skipped (no update), {self.skipped} of at most {self.max_skips} "
-                            f"(--skip-nonfinite-steps)")
+                            f"({flag('skip_nonfinite_steps')})")
             return
-        allowed = (f"more than {self.max_skips} such steps (--skip-nonfinite-steps {self.max_skips})"
-                   if self.max_skips else "skipping is off (--skip-nonfinite-steps K allows K)")
+        allowed = (f"more than {self.max_skips} such steps ({flag('skip_nonfinite_steps')} {self.max_skips})"
+                   if self.max_skips else f"skipping is off ({flag('skip_nonfinite_steps')} K allows K)")
         message = (f"{head}; stopping: {allowed}; last good checkpoint: {last_good or 'none'}")
         logging.error(message)
         raise NonFiniteStop(message)

@@ -24,7 +24,7 @@ import torch
 from .distill import DistillCfg, DistillLoss, TokenizerPair, TrunkCapture, concat_outputs, merge_micro_batch
 from .accumulate import detach_direct
 from .distributed import World
-from .errors import UserError
+from .errors import UserError, flag
 from .distill.headalign import HeadAlignCfg, HeadAlignLoss, build_reference_head, read_head_state
 from .losses import ContrastiveLoss, LossCfg, merge_terms
 from .models.text_trim import set_text_padding_trim, text_padding_trim
@@ -82,7 +82,7 @@ class Objective:
         try:
             cache = TeacherCache(cfg.distill.teacher_cache)
         except ValueError as e:
-            raise UserError(f"--teacher-cache: {e}") from None
+            raise UserError(f"{flag('teacher_cache')}: {e}") from None
         logging.info(cache.describe())
         diff = preprocess_difference(preprocess_fields(model.visual.preprocess_cfg), cache.manifest["preprocess"])
         if diff is not None:  # fine for a cache (the teacher had its own view), but worth knowing
@@ -96,7 +96,7 @@ class Objective:
 
         d = cfg.distill
         if cfg.loss.siglip:
-            raise UserError("--distill with --siglip is not supported (the distill loss is CLIP's softmax form)")
+            raise UserError(f"{flag('distill')} with {flag('siglip')} is not supported (the distill loss is CLIP's softmax form)")
         if d.teacher_cache:
             self._build_cached_teacher(cfg, model, world, device)
             return
@@ -105,7 +105,7 @@ class Objective:
                                               precision=cfg.precision, text_tokenizer=d.teacher_text_tokenizer,
                                               trust_checkpoint=cfg.trust_checkpoint)
         except ValueError as e:
-            raise UserError(f"--teacher-model {d.teacher_model}: {e}") from None
+            raise UserError(f"{flag('teacher_model')} {d.teacher_model}: {e}") from None
         set_text_padding_trim(teacher.model, text_padding_trim(model))  # --no-trim-text-padding covers both
         diff = preprocess_difference(model.visual.preprocess_cfg, teacher.preprocess_cfg)
         if diff is not None:
@@ -120,7 +120,7 @@ class Objective:
                                         same_text_tokens=self.pair.same, teacher_gets_student_batch=True)
         else:
             self.sharing = SharingPlan({p: False for p in ("image_trunk", "text")},
-                                       {p: "sharing switched off (--no-teacher-share)" for p in ("image_trunk", "text")})
+                                       {p: f"sharing switched off ({flag('no_teacher_share')})" for p in ("image_trunk", "text")})
         for line in self.sharing.lines():
             logging.info(line)
         self.runner = TeacherRunner(teacher, self.sharing)
@@ -128,11 +128,11 @@ class Objective:
 
     def _build_headalign(self, cfg, model) -> None:
         if not cfg.pretrained:
-            raise UserError("--headalign needs --pretrained: the checkpoint's own image head is the reference")
+            raise UserError(f"{flag('headalign')} needs {flag('pretrained')}: the checkpoint's own image head is the reference")
         try:
             self.reference = build_reference_head(model, read_head_state(cfg.pretrained, cfg.trust_checkpoint))
         except ValueError as e:
-            raise UserError(f"--headalign: {e}") from None
+            raise UserError(f"{flag('headalign')}: {e}") from None
         self.headalign = HeadAlignLoss(cfg.headalign.weight, cfg.headalign.mode)
         self.capture = TrunkCapture(model)
         logging.info(f"headalign: aligning the new head to {cfg.pretrained}'s image head "

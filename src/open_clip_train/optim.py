@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from .errors import UserError, flag
 from .freeze import ParamRule
 from .schedule import ramp
 
@@ -96,7 +96,7 @@ def build_optimizer(groups: List[dict], cfg: OptimCfg) -> torch.optim.Optimizer:
         return create_optimizer_v2(groups, opt=name.removeprefix("timm/"), lr=cfg.lr,
                                    weight_decay=cfg.weight_decay, momentum=cfg.momentum, **kwargs)
     except Exception as e:  # timm raises assorted errors for unknown names
-        raise UserError(f"--opt {cfg.name}: {e}") from None
+        raise UserError(f"{flag('opt')} {cfg.name}: {e}") from None
 
 
 def add_groups(optimizer: torch.optim.Optimizer, groups: Sequence[dict]) -> None:

@@ -26,6 +26,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
+from .errors import register_flags
 from .precision import PRECISIONS
 
 __all__ = ["ParseKwargs", "build_parser", "get_default_params", "parse_args"]
@@ -570,9 +571,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def flag_spellings(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each setting's option string (its first long one), for the library's messages."""
+    spelling = {}
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest not in spelling:
+            spelling[action.dest] = long[0]
+    return spelling
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse argv (sys.argv[1:] when None) and fill derived defaults as upstream does."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    """Parse argv (sys.argv[1:] when None) and fill derived defaults as upstream does; the
+    library's error messages then spell settings as this command line does."""
+    parser = build_parser()
+    register_flags(flag_spellings(parser))
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     # Upstream: optimiser defaults from the model name, unless a timm optimiser is used.
     if "timm" not in args.opt:

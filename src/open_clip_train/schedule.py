@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, flag
 
 KINDS = ("cosine", "const", "const-cooldown")
 
@@ -27,9 +27,9 @@ class ScheduleCfg:
     def __post_init__(self) -> None:
         # Checked when the run is built: lr_at would only trip over a typo once warm-up is over.
         if self.kind not in KINDS:
-            raise UserError(f"--lr-scheduler {self.kind!r}: expected one of {', '.join(KINDS)}")
+            raise UserError(f"{flag('lr_scheduler')} {self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.warmup_steps < 0 or self.cooldown_steps < 0:
-            raise UserError("--warmup and --epochs-cooldown must be >= 0")
+            raise UserError(f"{flag('warmup')} and {flag('epochs_cooldown')} must be >= 0")
 
 
 def _warmup(base_lr: float, warmup_steps: int, step: int) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from .. import distributed as dist_env
-from ..errors import UserError
+from ..errors import UserError, flag
 from .bad_samples import BadTally, bad_of
 
 
@@ -36,7 +36,7 @@ class BadSampleBudget:
         self.total += step_total
         if self.total > self.max_fraction * epoch_samples:
             message = (f"bad training data: {self.over_ranks().describe()} so far in {epoch_name}, more than "
-                       f"--max-bad-samples-fraction {self.max_fraction:g} of its "
+                       f"{flag('max_bad_samples_fraction')} {self.max_fraction:g} of its "
                        f"{epoch_samples} samples; fix or remove them, or raise the limit")
             logging.error(message)
             raise UserError(message)
@@ -51,4 +51,4 @@ class BadSampleBudget:
         logging.warning(f"Eval Epoch: {epoch} left out {tally.describe(of=entries)}")
         if tally.total > self.max_fraction * entries:
             raise UserError(f"bad evaluation data: {tally.describe(of=entries)}, more than "
-                            f"--max-bad-samples-fraction {self.max_fraction:g}; fix or remove them, or raise the limit")
+                            f"{flag('max_bad_samples_fraction')} {self.max_fraction:g}; fix or remove them, or raise the limit")

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import distributed as dist_env
-from ..errors import UserError
+from ..errors import UserError, register_flags
+from ..params import flag_spellings
 from ..precision import PRECISIONS
 from .teacher import Teacher
 from .cache import DTYPES, MANIFEST, ShardWriter, manifest_meta, write_manifest
@@ -138,6 +139,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="Stored embedding dtype.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="cuda:<local rank> when available.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing cache in --out.")
+    register_flags(flag_spellings(p))  # the library's messages spell settings as this tool does
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be >= 1 and --workers >= 0")

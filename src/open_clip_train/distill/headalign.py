@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import flag
 from .losses import Outputs, kl_rows
 
 HEADALIGN_MODES = ("cosine", "kl")
@@ -108,25 +109,25 @@ def build_reference_head(
     student = getattr(student, "module", student)
     trunk = getattr(getattr(student, "visual", None), "trunk", None)
     if trunk is None or not hasattr(trunk, "forward_features"):
-        raise ValueError("--headalign needs a timm image tower (model.visual.trunk); this model has none")
+        raise ValueError(f"{flag('headalign')} needs a timm image tower (model.visual.trunk); this model has none")
     ck_head = {k[len(_HEAD):]: v for k, v in state_dict.items() if k.startswith(_HEAD)}
     if not ck_head:
-        raise ValueError("--headalign: the checkpoint has no image head (visual.head.*) to align the new head to")
+        raise ValueError(f"{flag('headalign')}: the checkpoint has no image head (visual.head.*) to align the new head to")
     own = student.visual.head.state_dict()
     if all(k in own and own[k].shape == v.shape for k, v in ck_head.items()):
         raise ValueError(
-            f"--headalign: the checkpoint's head (visual.head.{sorted(ck_head)[0]}) fits the student's head and "
+            f"{flag('headalign')}: the checkpoint's head (visual.head.{sorted(ck_head)[0]}) fits the student's head and "
             "was loaded into it; there is no separate pretrained head to align to"
         )
     if set(ck_head) not in ({"proj.weight"}, {"proj.weight", "proj.bias"}):
         raise ValueError(
-            f"--headalign: unsupported checkpoint head {sorted('visual.head.' + k for k in ck_head)}; "
+            f"{flag('headalign')}: unsupported checkpoint head {sorted('visual.head.' + k for k in ck_head)}; "
             "only a linear projection (visual.head.proj) can serve as the reference"
         )
     trunk_head = getattr(trunk, "head", None)
     if trunk_head is None or not hasattr(trunk_head, "reset"):
         raise ValueError(
-            f"--headalign: trunk {type(trunk).__name__} has no timm pooling head (trunk.head.reset); "
+            f"{flag('headalign')}: trunk {type(trunk).__name__} has no timm pooling head (trunk.head.reset); "
             "the pretrained head's pooling cannot be rebuilt"
         )
     param = next(trunk.parameters())
@@ -141,7 +142,7 @@ def build_reference_head(
     width = getattr(trunk, "num_features", None)
     if width is not None and weight.shape[1] != width:
         raise ValueError(
-            f"--headalign: checkpoint head visual.head.proj.weight {list(weight.shape)} takes {weight.shape[1]} "
+            f"{flag('headalign')}: checkpoint head visual.head.proj.weight {list(weight.shape)} takes {weight.shape[1]} "
             f"features but the trunk pools {width}"
         )
     proj = nn.Linear(weight.shape[1], weight.shape[0], bias="proj.bias" in ck_head)

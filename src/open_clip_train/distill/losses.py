@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
+from ..errors import flag
+
 Outputs = Mapping[str, torch.Tensor]
 FEATURE_KEYS = ("image_features", "text_features")
 
@@ -39,9 +41,9 @@ class DistillCfg:
 
     def __post_init__(self) -> None:
         if not self.teacher_model:
-            raise ValueError("distillation needs a teacher model (--teacher-model)")
+            raise ValueError(f"distillation needs a teacher model ({flag('teacher_model')})")
         if not self.teacher_cache and not self.teacher_pretrained:
-            raise ValueError("a live teacher needs its weights (--teacher-pretrained), or pass --teacher-cache")
+            raise ValueError(f"a live teacher needs its weights ({flag('teacher_pretrained')}), or pass {flag('teacher_cache')}")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"distill weight must be a finite number >= 0, got {self.weight}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import flag
 from .losses import Outputs
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class Teacher(nn.Module):
 
         if not pretrained:
             raise ValueError(
-                f"teacher {name!r} needs its weights (--teacher-pretrained PATH): a random teacher teaches nothing")
+                f"teacher {name!r} needs its weights ({flag('teacher_pretrained')} PATH): a random teacher teaches nothing")
         model, report = create_model(name, pretrained=pretrained, precision=precision, device=device,
                                      trust_checkpoint=trust_checkpoint)
         if report.missing or report.mismatched:

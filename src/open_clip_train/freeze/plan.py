@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import UserError, flag
 from .layout import TOWERS, TowerLayout, tower_layout, tower_of
 
 # Upstream's HF lock leaves params of modules named "LayerNorm" (BERT naming) trainable unless
@@ -139,14 +139,14 @@ def _lr_mult(name: str, lr_mults: Sequence[Tuple[str, float]]) -> float:
 
 def _flag(tower: str, what: str) -> str:
     return {
-        ("image", "lock"): "--lock-image",
-        ("text", "lock"): "--lock-text",
-        ("image", "at"): "--unfreeze-image-at-epoch",
-        ("text", "at"): "--unfreeze-text-at-epoch",
-        ("image", "n"): "--unlocked-image-groups",
-        ("text", "n"): "--unlocked-text-layers",
-        ("image", "start_n"): "--lock-image-unlocked-groups",
-        ("text", "start_n"): "--lock-text-unlocked-layers",
+        ("image", "lock"): flag("lock_image"),
+        ("text", "lock"): flag("lock_text"),
+        ("image", "at"): flag("unfreeze_image_at_epoch"),
+        ("text", "at"): flag("unfreeze_text_at_epoch"),
+        ("image", "n"): flag("unlocked_image_groups"),
+        ("text", "n"): flag("unlocked_text_layers"),
+        ("image", "start_n"): flag("lock_image_unlocked_groups"),
+        ("text", "start_n"): flag("lock_text_unlocked_layers"),
     }[(tower, what)]
 
 
@@ -164,27 +164,27 @@ def build_plan(model: nn.Module, cfg: FreezeCfg, epochs: int) -> FreezePlan:
             raise UserError(f"invalid parameter-name regex {p!r}: {e}") from None
     for p, mult in cfg.lr_mults:
         if not mult >= 0:
-            raise UserError(f"--lr-mult {p}={mult}: the multiplier must be >= 0 (0 freezes)")
+            raise UserError(f"{flag('lr_mult')} {p}={mult}: the multiplier must be >= 0 (0 freezes)")
     pattern_hits = {p: [n for n in names if re.search(p, n)] for p in cfg.lock_patterns}
     for p, hit in pattern_hits.items():
         if not hit:
-            raise UserError(f"--lock-pattern {p!r} matches no parameter; check the names with --dry-run")
+            raise UserError(f"{flag('lock_pattern')} {p!r} matches no parameter; check the names with {flag('dry_run')}")
     seen_mults: Dict[str, float] = {}
     for p, mult in cfg.lr_mults:
         if p in seen_mults:
-            raise UserError(f"--lr-mult pattern {p!r} is given twice ({seen_mults[p]:g} and {mult:g}); give it once")
+            raise UserError(f"{flag('lr_mult')} pattern {p!r} is given twice ({seen_mults[p]:g} and {mult:g}); give it once")
         seen_mults[p] = mult
     mult_hits = [[n for n in names if re.search(p, n)] for p, _ in cfg.lr_mults]
     for (p, _), hit in zip(cfg.lr_mults, mult_hits):
         if not hit:
-            raise UserError(f"--lr-mult pattern {p!r} matches no parameter; check the names with --dry-run")
+            raise UserError(f"{flag('lr_mult')} pattern {p!r} matches no parameter; check the names with {flag('dry_run')}")
     if cfg.new_lr_scale < 0:
-        raise UserError(f"--unfreeze-new-lr-scale must be >= 0 (got {cfg.new_lr_scale})")
+        raise UserError(f"{flag('unfreeze_new_lr_scale')} must be >= 0 (got {cfg.new_lr_scale})")
 
     frozen_start: set = set()
     never: set = {n for n in names if _lr_mult(n, cfg.lr_mults) == 0}
     if never:
-        notes.append(f"--lr-mult ...=0 freezes {len(never)} params for the whole run")
+        notes.append(f"{flag('lr_mult')} ...=0 freezes {len(never)} params for the whole run")
     unlocks: List[Unlock] = []
     for tower in TOWERS:
         sched, layout = cfg.tower(tower), layouts[tower]
@@ -196,7 +196,7 @@ def build_plan(model: nn.Module, cfg: FreezeCfg, epochs: int) -> FreezePlan:
     # logit_scale/logit_bias belong to no tower; a --lock-pattern naming them still freezes them.
     shared_by_pattern = {n for hit in pattern_hits.values() for n in hit if tower_of(n) == "shared"}
     if shared_by_pattern:
-        notes.append(f"shared: froze {', '.join(sorted(shared_by_pattern))} by --lock-pattern")
+        notes.append(f"shared: froze {', '.join(sorted(shared_by_pattern))} by {flag('lock_pattern')}")
     frozen_start |= never | shared_by_pattern
     base = {n: ParamRule("base", _lr_mult(n, cfg.lr_mults), 0) for n in names if n not in frozen_start}
     plan = FreezePlan(layouts, base, unlocks, epochs, notes, cfg)
@@ -205,7 +205,7 @@ def build_plan(model: nn.Module, cfg: FreezeCfg, epochs: int) -> FreezePlan:
     ever_trainable = set(base) | {n for u in unlocks for n in u.names}
     for (p, mult), hit in zip(cfg.lr_mults, mult_hits):
         if mult != 0 and not any(n in ever_trainable for n in hit):
-            raise UserError(f"--lr-mult {p}={mult} only matches parameters that stay frozen all run")
+            raise UserError(f"{flag('lr_mult')} {p}={mult} only matches parameters that stay frozen all run")
     return plan
 
 
@@ -220,8 +220,8 @@ def _tower_frozen_at_start(tower, sched: TowerSchedule, layout: TowerLayout, pat
         raise UserError(f"{_flag(tower, 'start_n')} needs {_flag(tower, 'lock')}")
     if by_pattern:
         if sched.lock:
-            notes.append(f"{tower}: --lock-pattern wins over {_flag(tower, 'lock')} (pattern > layer count > whole tower)")
-        notes.append(f"{tower}: froze {len(by_pattern)} params by --lock-pattern")
+            notes.append(f"{tower}: {flag('lock_pattern')} wins over {_flag(tower, 'lock')} (pattern > layer count > whole tower)")
+        notes.append(f"{tower}: froze {len(by_pattern)} params by {flag('lock_pattern')}")
         return by_pattern
     if not sched.lock:
         return set()
@@ -245,12 +245,12 @@ def _tower_unlock(tower, sched, layout, frozen_start, never, epochs, notes) -> O
     if not tower_frozen:
         raise UserError(
             f"{_flag(tower, 'at')} {epoch}: the {tower} tower is not locked "
-            f"(add {_flag(tower, 'lock')} or a --lock-pattern for it)"
+            f"(add {_flag(tower, 'lock')} or a {flag('lock_pattern')} for it)"
         )
     if epoch < 1:
         raise UserError(f"{_flag(tower, 'at')} must be >= 1 (completed epochs before the unlock), got {epoch}")
     if epoch > epochs:
-        raise UserError(f"{_flag(tower, 'at')} {epoch} is beyond the run (--epochs {epochs})")
+        raise UserError(f"{_flag(tower, 'at')} {epoch} is beyond the run ({flag('epochs')} {epochs})")
     n_groups = len(layout.groups)
     count = sched.unfreeze_groups
     if count is not None and not 1 <= count <= n_groups:
