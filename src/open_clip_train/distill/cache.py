@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from ..run_outputs import jsonable
+from .sharing import PREPROCESS_FIELDS
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode")
 _KINDS = ("image", "text")
 _ID_FILE = {"image": "image_ids", "text": "ann_ids"}
 DTYPES = ("float32", "float16")
@@ -54,7 +54,7 @@ def preprocess_fields(preprocess_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     size = preprocess_cfg.get("size")
     if isinstance(size, int):
         size = (size, size)
-    out = {k: preprocess_cfg.get(k) for k in PREPROCESS_KEYS}
+    out = {k: preprocess_cfg.get(k) for k in PREPROCESS_FIELDS}
     out["size"] = size
     return jsonable(out)
 

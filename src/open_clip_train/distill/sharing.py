@@ -23,6 +23,7 @@ from .teacher import PARTS, unwrap
 if TYPE_CHECKING:
     from .teacher import Teacher
 
+# What decides the image a tower sees: compared for sharing, recorded in teacher-cache manifests.
 PREPROCESS_FIELDS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 _NOT_TEXT = ("logit_scale", "logit_bias")
 
