@@ -16,6 +16,7 @@ from .objective import ObjectiveCfg
 from .optim import OptimCfg
 from .params import build_parser
 from .schedule import KINDS as SCHEDULE_KINDS
+from .zeroshot import ZeroShotCfg
 
 # Upstream flags this trainer accepts (so old command lines parse) but does not implement.
 # Setting one is refused with a clear message rather than silently ignored.
@@ -35,8 +36,6 @@ UNSUPPORTED = {
     "torchcompile": "torch.compile",
     "trace": "tracing",
     "use_bnb_linear": "bitsandbytes linear layers",
-    "imagenet_val": "ImageNet zero-shot evaluation",
-    "imagenet_v2": "ImageNet zero-shot evaluation",
     "remote_sync": "remote sync of checkpoints",
     "horovod": "Horovod (use torchrun)",
     "use_bn_sync": "SyncBatchNorm",
@@ -147,6 +146,9 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             debug=a.debug,
         ),
         objective=_objective(a),
+        zeroshot=ZeroShotCfg(imagenet_val=a.imagenet_val, imagenet_v2=a.imagenet_v2, data=a.zeroshot_data,
+                             classnames=a.zeroshot_classnames, templates=a.zeroshot_templates, name=a.zeroshot_name,
+                             frequency=a.zeroshot_frequency, batch_size=a.batch_size, workers=a.workers),
         dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
         dry_run=a.dry_run,
         trust_checkpoint=a.trust_checkpoint,

@@ -10,6 +10,7 @@ from .freeze import FreezeCfg
 from .losses import LossCfg
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
+from .zeroshot import ZeroShotCfg
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class RunCfg:
     output: OutputCfg
     dist: DistCfg
     objective: ObjectiveCfg
+    zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
     dry_run: bool = False
     trust_checkpoint: bool = False
     malloc_retain: bool = True

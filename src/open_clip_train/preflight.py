@@ -43,8 +43,9 @@ def check_config(cfg: RunCfg) -> None:
     run directory or data read: the files the flags name, the model name, the tokenizer and
     the whole freezing schedule (resolved on a meta-device model)."""
     d, m = cfg.data, cfg.model
-    if not d.train_data and not d.val_data and d.dataset_type != "synthetic":
-        raise UserError("nothing to do: give --train-data and/or --val-data")
+    if not d.train_data and not d.val_data and d.dataset_type != "synthetic" and not cfg.zeroshot.enabled:
+        raise UserError("nothing to do: give --train-data and/or --val-data (or a zero-shot set)")
+    _check_zeroshot(cfg)
     for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
         if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
@@ -85,6 +86,22 @@ def check_config(cfg: RunCfg) -> None:
     if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
         with user_errors("--pretrained"):  # loading is tolerant of other architectures; unpickling is not
             load_torch_file(m.pretrained, cfg.trust_checkpoint, mmap=True)
+
+
+def _check_zeroshot(cfg: RunCfg) -> None:
+    """The zero-shot folders, class-name and template files (listed, no image read)."""
+    from .zeroshot import build_sets
+
+    zs = cfg.zeroshot
+    if (zs.classnames or zs.templates or zs.name) and not zs.data:
+        raise UserError("--zeroshot-classnames / --zeroshot-templates / --zeroshot-name need --zeroshot-data DIR")
+    if zs.frequency < 0:
+        raise UserError(f"--zeroshot-frequency {zs.frequency}: must be >= 0 (0 turns zero-shot off)")
+    if zs.enabled:
+        try:
+            build_sets(zs)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def _check_fits(flag: str, path: str, skeleton: torch.nn.Module, trust: bool, unexpected_ok: bool = False) -> None:

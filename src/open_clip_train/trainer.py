@@ -34,6 +34,7 @@ from .data.bad_budget import BadSampleBudget
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
+from .zeroshot import ZeroShotEvaluator
 from .frozen_compile import FrozenTrunkCompiler
 from .freeze import apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
@@ -118,6 +119,8 @@ class Trainer:
                                  world.world_size, with_ids=self.objective.needs_ids)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
+        with user_errors("zero-shot"):
+            self.zeroshot = ZeroShotEvaluator(cfg.zeroshot, preprocess_val, self.tokenizer)
         steps_per_epoch = self.train_data.num_batches // cfg.train.accum_freq if self.train_data else 0
         self.steps_per_epoch = steps_per_epoch
         self.schedule = ScheduleCfg(
@@ -303,10 +306,11 @@ class Trainer:
         if self.paths is not None and self.world.is_master:
             drop_results_after(self.paths.results, self.start_epoch)
             drop_metrics_after(self.paths.metrics, self.step)
-        if self.val_data is not None and cfg.eval.val_at_start and self.start_epoch == 0:
+        evaluates = self.val_data is not None or bool(self.zeroshot.sets)
+        if evaluates and cfg.eval.val_at_start and self.start_epoch == 0:
             self.evaluate(0)
         if self.train_data is None:
-            if self.val_data is not None and not cfg.eval.val_at_start:
+            if evaluates and not cfg.eval.val_at_start:
                 self.evaluate(self.start_epoch)
             return False
         if self.start_epoch >= cfg.train.epochs:
@@ -316,8 +320,11 @@ class Trainer:
             if self.train_epoch(epoch):
                 return True
             completed = epoch + 1
-            if self.val_data is not None and (completed % cfg.eval.val_frequency == 0 or completed == cfg.train.epochs):
-                self.evaluate(completed)
+            retrieval = self.val_data is not None and (completed % cfg.eval.val_frequency == 0
+                                                       or completed == cfg.train.epochs)
+            zeroshot = self.zeroshot.cfg.due(completed, cfg.train.epochs) and bool(self.zeroshot.sets)
+            if retrieval or zeroshot:
+                self.evaluate(completed, retrieval=retrieval, zeroshot=zeroshot)
             saved = self.save(completed)
             signum = self._stop_agreed()  # a signal during the evaluation or the save lands here
             if signum and completed < cfg.train.epochs:
@@ -539,15 +546,26 @@ class Trainer:
             self.reporters.scalars(values, self.step)
 
     # ---------------------------------------------------------------- eval
-    def evaluate(self, epoch: int) -> Dict[str, float]:
+    def evaluate(self, epoch: int, retrieval: bool = True, zeroshot: bool = True) -> Dict[str, float]:
+        """One results.jsonl row: retrieval on --val-data and zero-shot classification (upstream's
+        keys), whichever is asked for and configured. An explicit call runs zero-shot whatever
+        --zeroshot-frequency says (evaluating a checkpoint, --val-at-start)."""
         cfg = self.cfg
-        bad = BadTally()
-        with user_errors("--val-data"):
-            metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
-                                         cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
-        self.bad_budget.check_eval(epoch, self.val_data.dropped, bad, metrics["num_images"] + metrics["num_bad_images"])
-        row = {"epoch": epoch, "num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images"),
-               "num_bad_images": metrics.pop("num_bad_images")}
+        row: Dict[str, float] = {"epoch": epoch}
+        metrics: Dict[str, float] = {}
+        if retrieval and self.val_data is not None:
+            bad = BadTally()
+            with user_errors("--val-data"):
+                metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
+                                             cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
+            self.bad_budget.check_eval(epoch, self.val_data.dropped, bad,
+                                       metrics["num_images"] + metrics["num_bad_images"])
+            row.update({"num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images"),
+                        "num_bad_images": metrics.pop("num_bad_images")})
+        if zeroshot and self.zeroshot.sets:
+            # epochs=epoch: due by upstream's last-epoch rule, so the caller decides when
+            with user_errors("zero-shot"):
+                metrics.update(self.zeroshot(self.model, epoch, epoch, self.device, cfg.model.precision, self.world))
         row.update(metrics)
         shown = " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
         logging.info(f"Eval Epoch: {epoch} {shown}")
