@@ -12,6 +12,7 @@ from .errors import UserError
 from .freeze import FreezeCfg, TowerSchedule
 from .distill.headalign import HeadAlignCfg
 from .losses import LossCfg
+from .model_overrides import ModelOverrides, validate as validate_overrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
 from .params import build_parser
@@ -22,16 +23,6 @@ from .zeroshot import ZeroShotCfg
 # Setting one is refused with a clear message rather than silently ignored.
 UNSUPPORTED = {
     "train_data_upsampling_factors": "multi-source webdataset upsampling",
-    "image_mean": "overriding preprocessing (use the model config)",
-    "image_std": "overriding preprocessing (use the model config)",
-    "image_interpolation": "overriding preprocessing (use the model config)",
-    "image_resize_mode": "overriding preprocessing (use the model config)",
-    "aug_cfg": "custom augmentation configs",
-    "force_context_length": "--force-* model overrides (add a model config instead)",
-    "force_image_size": "--force-* model overrides (add a model config instead)",
-    "force_quick_gelu": "--force-* model overrides (add a model config instead)",
-    "force_patch_dropout": "--force-* model overrides (add a model config instead)",
-    "force_custom_text": "--force-* model overrides (add a model config instead)",
     "torchscript": "TorchScript",
     "torchcompile": "torch.compile",
     "trace": "tracing",
@@ -91,6 +82,7 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             torchcompile=a.torchcompile,
             compile_frozen=a.compile_frozen,
             trim_text_padding=a.trim_text_padding,
+            overrides=_overrides(a),
         ),
         data=DataCfg(
             dataset_type=a.dataset_type,
@@ -155,6 +147,23 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
         malloc_retain=a.malloc_retain,
         settings=dict(vars(a)),
     )
+
+
+def _overrides(a: argparse.Namespace) -> ModelOverrides:
+    """Upstream's --force-* / --image-* / --aug-cfg, checked (one line) before any work."""
+    def tup(v):
+        return None if v is None else tuple(v)
+
+    o = ModelOverrides(force_quick_gelu=a.force_quick_gelu, force_custom_text=a.force_custom_text,
+                       force_patch_dropout=a.force_patch_dropout, force_image_size=tup(a.force_image_size),
+                       force_context_length=a.force_context_length, image_mean=tup(a.image_mean),
+                       image_std=tup(a.image_std), image_interpolation=a.image_interpolation,
+                       image_resize_mode=a.image_resize_mode, aug_cfg=dict(a.aug_cfg or {}))
+    try:
+        validate_overrides(o)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return o
 
 
 def _objective(a: argparse.Namespace) -> ObjectiveCfg:

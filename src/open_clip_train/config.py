@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 from .data import DataCfg
 from .freeze import FreezeCfg
 from .losses import LossCfg
+from .model_overrides import ModelOverrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
 from .zeroshot import ZeroShotCfg
@@ -26,6 +27,7 @@ class ModelCfg:
     torchcompile: bool = False
     compile_frozen: str = "auto"  # auto | on | off (frozen_compile)
     trim_text_padding: bool = True  # models.text_trim
+    overrides: ModelOverrides = field(default_factory=ModelOverrides)  # upstream's --force-*, --image-*, --aug-cfg
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .errors import UserError
 from .freeze import build_plan
 from .models import create_model, get_tokenizer, loss_model_kwargs
 from .models.weights import fit_problems, load_torch_file
+from .model_overrides import check_for_model, create_model_kwargs, tokenizer_context_length
 
 
 @contextmanager
@@ -76,16 +77,30 @@ def check_config(cfg: RunCfg) -> None:
     if resume is not None and resume != "latest" and not Path(resume).is_file():
         raise UserError(f"--resume {resume}: no such checkpoint")
     with _quiet():
+        _check_overrides(cfg)
         with user_errors(f"--model {m.name}"):
-            skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip))
+            skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip),
+                                       overrides=create_model_kwargs(m.overrides))
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
-            get_tokenizer(m.name, m.text_tokenizer)
+            get_tokenizer(m.name, m.text_tokenizer, context_length=tokenizer_context_length(m.overrides))
         build_plan(skeleton, cfg.freeze, cfg.train.epochs)
     if resume is not None and resume != "latest":
         _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
     if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
         with user_errors("--pretrained"):  # loading is tolerant of other architectures; unpickling is not
             load_torch_file(m.pretrained, cfg.trust_checkpoint, mmap=True)
+
+
+def _check_overrides(cfg: RunCfg) -> None:
+    """--force-* overrides the model's towers cannot take (open_clip would crash late or ignore them)."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(cfg.model.name)
+    if model_cfg is not None:
+        try:
+            check_for_model(cfg.model.overrides, model_cfg)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def _check_zeroshot(cfg: RunCfg) -> None:

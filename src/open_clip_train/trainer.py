@@ -43,6 +43,7 @@ from .objective import Objective
 from .preempt import StopRequest, signal_name
 from .distill.cache import augmentation_notice
 from .models import create_model, get_preprocess, get_tokenizer, loss_model_kwargs
+from .model_overrides import create_model_kwargs, tokenizer_context_length, transforms
 from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
@@ -92,8 +93,10 @@ class Trainer:
                 device=device,
                 trust_checkpoint=cfg.trust_checkpoint,
                 model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip),
+                overrides=create_model_kwargs(cfg.model.overrides),
             )
-            self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
+            self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer,
+                                           context_length=tokenizer_context_length(cfg.model.overrides))
         if set_text_padding_trim(self.model, cfg.model.trim_text_padding) and cfg.model.trim_text_padding:
             logging.info("text tower: runs on each batch's tokens up to its last EOS, rounded up to "
                          f"{TEXT_TRIM_ROUND} (--no-trim-text-padding for the full context length)")
@@ -112,8 +115,13 @@ class Trainer:
         notice = augmentation_notice(not cfg.train.no_augment) if self.objective.needs_ids else None
         if notice:
             logging.warning(notice)
-        preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
-        preprocess_val = get_preprocess(self.model, is_train=False)
+        if cfg.model.overrides.any:  # --aug-cfg on the training transform, as create_model_and_transforms
+            preprocess_train, preprocess_val = transforms(self.model, cfg.model.overrides,
+                                                          augment=not cfg.train.no_augment)
+        else:
+            preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
+            preprocess_val = get_preprocess(self.model, is_train=False)
+        self.preprocess = (preprocess_train, preprocess_val)
         with user_errors("data"):
             self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank,
                                  world.world_size, with_ids=self.objective.needs_ids)
