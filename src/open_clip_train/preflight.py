@@ -83,7 +83,8 @@ def check_config(cfg: RunCfg) -> None:
                                        overrides=create_model_kwargs(m.overrides))
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer, context_length=tokenizer_context_length(m.overrides))
-        build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+        with user_errors(f"--model {m.name}"):  # e.g. a tower the freezing schedule cannot place
+            build_plan(skeleton, cfg.freeze, cfg.train.epochs)
     if resume is not None and resume != "latest":
         _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
     if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
