@@ -24,7 +24,6 @@ from .zeroshot import ZeroShotCfg
 UNSUPPORTED = {
     "train_data_upsampling_factors": "multi-source webdataset upsampling",
     "torchscript": "TorchScript",
-    "torchcompile": "torch.compile",
     "trace": "tracing",
     "use_bnb_linear": "bitsandbytes linear layers",
     "remote_sync": "remote sync of checkpoints",
@@ -45,6 +44,8 @@ def refuse_unsupported(args: argparse.Namespace, defaults: Dict[str, Any]) -> No
 
 def config_from_args(a: argparse.Namespace) -> RunCfg:
     refuse_unsupported(a, build_parser().parse_args([]).__dict__)
+    if a.torchcompile and a.compile_frozen == "on":
+        raise UserError("--torchcompile compiles the whole model, its frozen trunk included; drop --compile-frozen")
     if a.lr_scheduler not in SCHEDULE_KINDS:
         raise UserError(f"--lr-scheduler {a.lr_scheduler!r}: choose one of {', '.join(SCHEDULE_KINDS)}")
     freeze = FreezeCfg(

@@ -97,7 +97,10 @@ class Trainer:
             )
             self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer,
                                            context_length=tokenizer_context_length(cfg.model.overrides))
-        if set_text_padding_trim(self.model, cfg.model.trim_text_padding) and cfg.model.trim_text_padding:
+        # --torchcompile: the trimmed length is read from the tokens (a graph break and a recompile
+        # per length), so the compiled model runs the full context length
+        trim = cfg.model.trim_text_padding and not cfg.model.torchcompile
+        if set_text_padding_trim(self.model, trim) and trim:
             logging.info("text tower: runs on each batch's tokens up to its last EOS, rounded up to "
                          f"{TEXT_TRIM_ROUND} (--no-trim-text-padding for the full context length)")
         if report is not None:
@@ -145,7 +148,10 @@ class Trainer:
         self.applied_unlocks = set()
         # (not while the objective captures trunk features: that hook must stay in Python)
         self.compiler = FrozenTrunkCompiler(cfg.model.compile_frozen, device,
-                                            allowed=getattr(self.objective, "capture", None) is None)
+                                            allowed=getattr(self.objective, "capture", None) is None
+                                            and not cfg.model.torchcompile)
+        if cfg.model.torchcompile:
+            self._compile_model()
         self._wrap()
         if paths is not None:
             self.reporters = Reporters(list(cfg.output.report_to), paths, paths.root.name, cfg.settings, world.is_master,
@@ -153,6 +159,23 @@ class Trainer:
         for line in group_table(self.optimizer):
             logging.info(line)
         return self
+
+    def _compile_model(self) -> None:
+        """--torchcompile: the whole model compiled in place (`nn.Module.compile`: parameter names
+        and checkpoints unchanged), before the DDP wrapper, which then wraps the compiled module,
+        as torchtitan orders them. (Upstream compiles the unwrapped model after wrapping, so its
+        compiled model runs without DDP's gradient hooks.) The trunk-only --compile-frozen is off."""
+        self.model.compile()
+        logging.info("torch.compile: whole model compiled (compiles at the first step); --compile-frozen off, "
+                     "text padding trim off")
+
+    def _recompile_after_unlock(self) -> None:
+        """The compiled graphs were traced with the old requires_grad; dropping them makes the
+        next step trace the new trainable set rather than rely on guard failures."""
+        if self.cfg.model.torchcompile:
+            torch.compiler.reset()
+            logging.info("torch.compile: trainable set changed at the unlock; compiled graphs dropped, the model "
+                         "recompiles at the next step")
 
     def _apply_rules(self, epoch: int, log_as: str) -> None:
         apply_trainable(self.model, list(self.plan.rules_at(epoch)))
@@ -353,6 +376,7 @@ class Trainer:
         self.applied_unlocks |= {u.origin for u in due}
         self.objective.on_unlock({u.tower for u in due})
         check_coverage(self.model, self.optimizer)
+        self._recompile_after_unlock()
         self._wrap()
         what = ", ".join(f"{u.tower} ({len(u.names)} tensors)" for u in due)
         logging.info(f"unlock at epoch {epoch}: {what}")
