@@ -29,7 +29,6 @@ UNSUPPORTED = {
     "remote_sync": "remote sync of checkpoints",
     "horovod": "Horovod (use torchrun)",
     "use_bn_sync": "SyncBatchNorm",
-    "copy_codebase": "copying the codebase into the run directory",
     "log_local": "per-rank log files",
     "dist_url": "--dist-url (torchrun's environment is used)",
 }
@@ -137,6 +136,7 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             save_every_n_steps=a.save_every_n_steps,
             resume=a.resume,
             debug=a.debug,
+            copy_codebase=a.copy_codebase,
         ),
         objective=_objective(a),
         zeroshot=ZeroShotCfg(imagenet_val=a.imagenet_val, imagenet_v2=a.imagenet_v2, data=a.zeroshot_data,

@@ -68,6 +68,7 @@ class OutputCfg:
     save_every_n_steps: int = 0  # mid-epoch checkpoints (0: epoch ends only)
     resume: Optional[str] = None
     debug: bool = False
+    copy_codebase: bool = False  # provenance_code.record_code into the run directory
 
 
 @dataclass(frozen=True)

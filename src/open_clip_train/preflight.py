@@ -47,6 +47,8 @@ def check_config(cfg: RunCfg) -> None:
     if not d.train_data and not d.val_data and d.dataset_type != "synthetic" and not cfg.zeroshot.enabled:
         raise UserError("nothing to do: give --train-data and/or --val-data (or a zero-shot set)")
     _check_zeroshot(cfg)
+    if cfg.output.copy_codebase and cfg.output.logs.lower() == "none":
+        raise UserError("--copy-codebase records the source in the run directory; --log-dir none has none")
     for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
         if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
