@@ -24,7 +24,11 @@ $(STAMP): requirements.txt requirements-test.txt setup.py pyproject.toml
 $(DEMO_DATA)/annotations/captions_val2017.json: | $(STAMP)
 	$(PY) -m open_clip_train.demo_data $(DEMO_DATA) --num-train 2000 --num-val 250 --image-size 64 --seed 0
 
-demo: $(STAMP) $(DEMO_DATA)/annotations/captions_val2017.json
+# the demo's shape classes as a labelled ImageFolder, for a zero-shot line per evaluated epoch
+$(DEMO_DATA)/zeroshot/classnames.txt: | $(STAMP)
+	$(PY) -m open_clip_train.demo_data --zeroshot-out $(DEMO_DATA)/zeroshot --zeroshot-by shape --zeroshot-per-class 20 --image-size 64 --seed 1
+
+demo: $(STAMP) $(DEMO_DATA)/annotations/captions_val2017.json $(DEMO_DATA)/zeroshot/classnames.txt
 	HF_HUB_OFFLINE=1 $(PY) -m open_clip_train.main \
 	    --model tiny-convnext-cliptext --dataset-type coco \
 	    --train-data $(DEMO_DATA)/annotations/captions_train2017.json \
@@ -32,6 +36,8 @@ demo: $(STAMP) $(DEMO_DATA)/annotations/captions_val2017.json
 	    --epochs 6 --batch-size 64 --lr 2e-3 --wd 0.1 --warmup 50 --workers 2 --precision fp32 \
 	    --lock-image --unfreeze-image-at-epoch 2 --unfreeze-new-lr-scale 0.5 \
 	    --val-at-start --log-every-n-steps 20 --seed 0 \
+	    --zeroshot-data $(DEMO_DATA)/zeroshot --zeroshot-classnames $(DEMO_DATA)/zeroshot/classnames.txt \
+	    --zeroshot-templates $(DEMO_DATA)/zeroshot/templates.txt --zeroshot-name shapes --zeroshot-frequency 1 \
 	    --log-dir logs --name $(DEMO_NAME)
 	$(PY) -m open_clip_train.results_table logs/$(DEMO_NAME)
 	$(PY) -m open_clip_train.compare logs/$(DEMO_NAME) --plot logs/$(DEMO_NAME)/curves.png

@@ -12,35 +12,23 @@ from .errors import UserError
 from .freeze import FreezeCfg, TowerSchedule
 from .distill.headalign import HeadAlignCfg
 from .losses import LossCfg
+from .model_overrides import ModelOverrides, validate as validate_overrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
 from .params import build_parser
 from .schedule import KINDS as SCHEDULE_KINDS
+from .zeroshot import ZeroShotCfg
 
 # Upstream flags this trainer accepts (so old command lines parse) but does not implement.
 # Setting one is refused with a clear message rather than silently ignored.
 UNSUPPORTED = {
     "train_data_upsampling_factors": "multi-source webdataset upsampling",
-    "image_mean": "overriding preprocessing (use the model config)",
-    "image_std": "overriding preprocessing (use the model config)",
-    "image_interpolation": "overriding preprocessing (use the model config)",
-    "image_resize_mode": "overriding preprocessing (use the model config)",
-    "aug_cfg": "custom augmentation configs",
-    "force_context_length": "--force-* model overrides (add a model config instead)",
-    "force_image_size": "--force-* model overrides (add a model config instead)",
-    "force_quick_gelu": "--force-* model overrides (add a model config instead)",
-    "force_patch_dropout": "--force-* model overrides (add a model config instead)",
-    "force_custom_text": "--force-* model overrides (add a model config instead)",
     "torchscript": "TorchScript",
-    "torchcompile": "torch.compile",
     "trace": "tracing",
     "use_bnb_linear": "bitsandbytes linear layers",
-    "imagenet_val": "ImageNet zero-shot evaluation",
-    "imagenet_v2": "ImageNet zero-shot evaluation",
     "remote_sync": "remote sync of checkpoints",
     "horovod": "Horovod (use torchrun)",
     "use_bn_sync": "SyncBatchNorm",
-    "copy_codebase": "copying the codebase into the run directory",
     "log_local": "per-rank log files",
     "dist_url": "--dist-url (torchrun's environment is used)",
 }
@@ -55,6 +43,8 @@ def refuse_unsupported(args: argparse.Namespace, defaults: Dict[str, Any]) -> No
 
 def config_from_args(a: argparse.Namespace) -> RunCfg:
     refuse_unsupported(a, build_parser().parse_args([]).__dict__)
+    if a.torchcompile and a.compile_frozen == "on":
+        raise UserError("--torchcompile compiles the whole model, its frozen trunk included; drop --compile-frozen")
     if a.lr_scheduler not in SCHEDULE_KINDS:
         raise UserError(f"--lr-scheduler {a.lr_scheduler!r}: choose one of {', '.join(SCHEDULE_KINDS)}")
     freeze = FreezeCfg(
@@ -92,6 +82,7 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             torchcompile=a.torchcompile,
             compile_frozen=a.compile_frozen,
             trim_text_padding=a.trim_text_padding,
+            overrides=_overrides(a),
         ),
         data=DataCfg(
             dataset_type=a.dataset_type,
@@ -145,14 +136,35 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             save_every_n_steps=a.save_every_n_steps,
             resume=a.resume,
             debug=a.debug,
+            copy_codebase=a.copy_codebase,
         ),
         objective=_objective(a),
+        zeroshot=ZeroShotCfg(imagenet_val=a.imagenet_val, imagenet_v2=a.imagenet_v2, data=a.zeroshot_data,
+                             classnames=a.zeroshot_classnames, templates=a.zeroshot_templates, name=a.zeroshot_name,
+                             frequency=a.zeroshot_frequency, batch_size=a.batch_size, workers=a.workers),
         dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
         dry_run=a.dry_run,
         trust_checkpoint=a.trust_checkpoint,
         malloc_retain=a.malloc_retain,
         settings=dict(vars(a)),
     )
+
+
+def _overrides(a: argparse.Namespace) -> ModelOverrides:
+    """Upstream's --force-* / --image-* / --aug-cfg, checked (one line) before any work."""
+    def tup(v):
+        return None if v is None else tuple(v)
+
+    o = ModelOverrides(force_quick_gelu=a.force_quick_gelu, force_custom_text=a.force_custom_text,
+                       force_patch_dropout=a.force_patch_dropout, force_image_size=tup(a.force_image_size),
+                       force_context_length=a.force_context_length, image_mean=tup(a.image_mean),
+                       image_std=tup(a.image_std), image_interpolation=a.image_interpolation,
+                       image_resize_mode=a.image_resize_mode, aug_cfg=dict(a.aug_cfg or {}))
+    try:
+        validate_overrides(o)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return o
 
 
 def _objective(a: argparse.Namespace) -> ObjectiveCfg:

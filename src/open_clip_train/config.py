@@ -8,8 +8,10 @@ from typing import Any, Dict, Optional, Tuple
 from .data import DataCfg
 from .freeze import FreezeCfg
 from .losses import LossCfg
+from .model_overrides import ModelOverrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
+from .zeroshot import ZeroShotCfg
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class ModelCfg:
     torchcompile: bool = False
     compile_frozen: str = "auto"  # auto | on | off (frozen_compile)
     trim_text_padding: bool = True  # models.text_trim
+    overrides: ModelOverrides = field(default_factory=ModelOverrides)  # upstream's --force-*, --image-*, --aug-cfg
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class OutputCfg:
     save_every_n_steps: int = 0  # mid-epoch checkpoints (0: epoch ends only)
     resume: Optional[str] = None
     debug: bool = False
+    copy_codebase: bool = False  # provenance_code.record_code into the run directory
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class RunCfg:
     output: OutputCfg
     dist: DistCfg
     objective: ObjectiveCfg
+    zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
     dry_run: bool = False
     trust_checkpoint: bool = False
     malloc_retain: bool = True

@@ -9,13 +9,15 @@ import torch
 from .config import RunCfg
 from .freeze import apply_trainable, build_plan, count_trainable, format_counts
 from .models import create_model, loss_model_kwargs
+from .model_overrides import create_model_kwargs
 from .optim import make_groups
 
 
 def describe(cfg: RunCfg) -> List[str]:
     torch.manual_seed(cfg.train.seed)
     model, _ = create_model(cfg.model.name, precision="fp32", device="meta",
-                            model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip))  # shapes only: fast
+                            model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip),
+                            overrides=create_model_kwargs(cfg.model.overrides))  # shapes only: fast
     plan = build_plan(model, cfg.freeze, cfg.train.epochs)
     lines = [f"dry run: model {cfg.model.name}, {cfg.train.epochs} epochs (no data read, no weights loaded)"]
     lines += [f"  note: {n}" for n in plan.notes]

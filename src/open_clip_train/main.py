@@ -136,6 +136,11 @@ def _open_run(cfg: RunCfg, world: World, device: torch.device, argv: List[str]) 
                         distributed=world.distributed, device=str(device))  # resolved, as upstream
         write_params(paths.params, settings)
         write_provenance(paths.root / "provenance.json", argv)
+        if out.copy_codebase:
+            from .provenance_code import record_code
+
+            code, written = record_code(paths.root)
+            logging.info(f"--copy-codebase: source of this run {'recorded in' if written else 'unchanged, as in'} {code}")
         for k in sorted(settings):
             logging.debug(f"  {k}: {settings[k]}")
     return paths

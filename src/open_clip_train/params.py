@@ -424,6 +424,20 @@ def _add_evaluation(p: argparse.ArgumentParser) -> None:
         "--imagenet-v2", type=str, default=None,
         help="Path to ImageNet-V2 for zero-shot evaluation.")
     g.add_argument("--zeroshot-frequency", type=int, default=2, help="Run zero-shot every n epochs.")
+    g.add_argument(
+        "--zeroshot-data", metavar="DIR", default=None,
+        help="Zero-shot classification on any ImageFolder (one sub-folder per class, sorted), "
+             "reported as zeroshot-<name>-top1/-top5.")
+    g.add_argument(
+        "--zeroshot-classnames", metavar="FILE", default=None,
+        help="Class names for --zeroshot-data, one per line in folder order (default: the folder names).")
+    g.add_argument(
+        "--zeroshot-templates", metavar="FILE", default=None,
+        help="Prompt templates for --zeroshot-data, one per line with {} for the class name "
+             "(default: OpenAI's ImageNet templates).")
+    g.add_argument(
+        "--zeroshot-name", metavar="NAME", default=None,
+        help="The <name> in --zeroshot-data's result keys (default: the folder's name).")
     g.add_argument("--val-frequency", type=int, default=1, help="Run validation every n epochs.")
     g.add_argument(
         "--val-at-start", default=False, action="store_true", help="Evaluate before training.")

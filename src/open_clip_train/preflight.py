@@ -18,6 +18,7 @@ from .errors import UserError
 from .freeze import build_plan
 from .models import create_model, get_tokenizer, loss_model_kwargs
 from .models.weights import fit_problems, load_torch_file
+from .model_overrides import check_for_model, create_model_kwargs, tokenizer_context_length
 
 
 @contextmanager
@@ -43,8 +44,11 @@ def check_config(cfg: RunCfg) -> None:
     run directory or data read: the files the flags name, the model name, the tokenizer and
     the whole freezing schedule (resolved on a meta-device model)."""
     d, m = cfg.data, cfg.model
-    if not d.train_data and not d.val_data and d.dataset_type != "synthetic":
-        raise UserError("nothing to do: give --train-data and/or --val-data")
+    if not d.train_data and not d.val_data and d.dataset_type != "synthetic" and not cfg.zeroshot.enabled:
+        raise UserError("nothing to do: give --train-data and/or --val-data (or a zero-shot set)")
+    _check_zeroshot(cfg)
+    if cfg.output.copy_codebase and cfg.output.logs.lower() == "none":
+        raise UserError("--copy-codebase records the source in the run directory; --log-dir none has none")
     for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
         if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
@@ -75,16 +79,47 @@ def check_config(cfg: RunCfg) -> None:
     if resume is not None and resume != "latest" and not Path(resume).is_file():
         raise UserError(f"--resume {resume}: no such checkpoint")
     with _quiet():
+        _check_overrides(cfg)
         with user_errors(f"--model {m.name}"):
-            skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip))
+            skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip),
+                                       overrides=create_model_kwargs(m.overrides))
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
-            get_tokenizer(m.name, m.text_tokenizer)
-        build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+            get_tokenizer(m.name, m.text_tokenizer, context_length=tokenizer_context_length(m.overrides))
+        with user_errors(f"--model {m.name}"):  # e.g. a tower the freezing schedule cannot place
+            build_plan(skeleton, cfg.freeze, cfg.train.epochs)
     if resume is not None and resume != "latest":
         _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
     if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
         with user_errors("--pretrained"):  # loading is tolerant of other architectures; unpickling is not
             load_torch_file(m.pretrained, cfg.trust_checkpoint, mmap=True)
+
+
+def _check_overrides(cfg: RunCfg) -> None:
+    """--force-* overrides the model's towers cannot take (open_clip would crash late or ignore them)."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(cfg.model.name)
+    if model_cfg is not None:
+        try:
+            check_for_model(cfg.model.overrides, model_cfg)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+
+def _check_zeroshot(cfg: RunCfg) -> None:
+    """The zero-shot folders, class-name and template files (listed, no image read)."""
+    from .zeroshot import build_sets
+
+    zs = cfg.zeroshot
+    if (zs.classnames or zs.templates or zs.name) and not zs.data:
+        raise UserError("--zeroshot-classnames / --zeroshot-templates / --zeroshot-name need --zeroshot-data DIR")
+    if zs.frequency < 0:
+        raise UserError(f"--zeroshot-frequency {zs.frequency}: must be >= 0 (0 turns zero-shot off)")
+    if zs.enabled:
+        try:
+            build_sets(zs)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def _check_fits(flag: str, path: str, skeleton: torch.nn.Module, trust: bool, unexpected_ok: bool = False) -> None:

@@ -22,6 +22,11 @@ def table(rows: List[Dict]) -> List[str]:
     if rows and "num_images" in rows[-1]:
         n_img = rows[-1]["num_images"]
         lines.append(f"chance level: R@1 ~ {100 / n_img:.1f}%, R@10 ~ {1000 / n_img:.1f}% ({n_img} images)")
+    zs = sorted({k for r in rows for k in r if "zeroshot" in k and k.endswith(("-top1", "-top5"))})
+    if zs:
+        lines += ["", "| epoch | " + " | ".join(zs) + " |", "|" + "---|" * (len(zs) + 1)]
+        lines += [f"| {r.get('epoch', '?')} | " + " | ".join(f"{100 * r[k]:.1f}%" if k in r else "-" for k in zs) + " |"
+                  for r in rows if any(k in r for k in zs)]
     return lines
 
 

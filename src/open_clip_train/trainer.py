@@ -34,6 +34,7 @@ from .data.bad_budget import BadSampleBudget
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
+from .zeroshot import ZeroShotEvaluator
 from .frozen_compile import FrozenTrunkCompiler
 from .freeze import apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
@@ -42,6 +43,7 @@ from .objective import Objective
 from .preempt import StopRequest, signal_name
 from .distill.cache import augmentation_notice
 from .models import create_model, get_preprocess, get_tokenizer, loss_model_kwargs
+from .model_overrides import create_model_kwargs, tokenizer_context_length, transforms
 from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
@@ -91,9 +93,14 @@ class Trainer:
                 device=device,
                 trust_checkpoint=cfg.trust_checkpoint,
                 model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip),
+                overrides=create_model_kwargs(cfg.model.overrides),
             )
-            self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer)
-        if set_text_padding_trim(self.model, cfg.model.trim_text_padding) and cfg.model.trim_text_padding:
+            self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text_tokenizer,
+                                           context_length=tokenizer_context_length(cfg.model.overrides))
+        # --torchcompile: the trimmed length is read from the tokens (a graph break and a recompile
+        # per length), so the compiled model runs the full context length
+        trim = cfg.model.trim_text_padding and not cfg.model.torchcompile
+        if set_text_padding_trim(self.model, trim) and trim:
             logging.info("text tower: runs on each batch's tokens up to its last EOS, rounded up to "
                          f"{TEXT_TRIM_ROUND} (--no-trim-text-padding for the full context length)")
         if report is not None:
@@ -111,13 +118,20 @@ class Trainer:
         notice = augmentation_notice(not cfg.train.no_augment) if self.objective.needs_ids else None
         if notice:
             logging.warning(notice)
-        preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
-        preprocess_val = get_preprocess(self.model, is_train=False)
+        if cfg.model.overrides.any:  # --aug-cfg on the training transform, as create_model_and_transforms
+            preprocess_train, preprocess_val = transforms(self.model, cfg.model.overrides,
+                                                          augment=not cfg.train.no_augment)
+        else:
+            preprocess_train = get_preprocess(self.model, is_train=True, no_augment=cfg.train.no_augment)
+            preprocess_val = get_preprocess(self.model, is_train=False)
+        self.preprocess = (preprocess_train, preprocess_val)
         with user_errors("data"):
             self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank,
                                  world.world_size, with_ids=self.objective.needs_ids)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
+        with user_errors("zero-shot"):
+            self.zeroshot = ZeroShotEvaluator(cfg.zeroshot, preprocess_val, self.tokenizer)
         steps_per_epoch = self.train_data.num_batches // cfg.train.accum_freq if self.train_data else 0
         self.steps_per_epoch = steps_per_epoch
         self.schedule = ScheduleCfg(
@@ -134,7 +148,10 @@ class Trainer:
         self.applied_unlocks = set()
         # (not while the objective captures trunk features: that hook must stay in Python)
         self.compiler = FrozenTrunkCompiler(cfg.model.compile_frozen, device,
-                                            allowed=getattr(self.objective, "capture", None) is None)
+                                            allowed=getattr(self.objective, "capture", None) is None
+                                            and not cfg.model.torchcompile)
+        if cfg.model.torchcompile:
+            self._compile_model()
         self._wrap()
         if paths is not None:
             self.reporters = Reporters(list(cfg.output.report_to), paths, paths.root.name, cfg.settings, world.is_master,
@@ -142,6 +159,23 @@ class Trainer:
         for line in group_table(self.optimizer):
             logging.info(line)
         return self
+
+    def _compile_model(self) -> None:
+        """--torchcompile: the whole model compiled in place (`nn.Module.compile`: parameter names
+        and checkpoints unchanged), before the DDP wrapper, which then wraps the compiled module,
+        as torchtitan orders them. (Upstream compiles the unwrapped model after wrapping, so its
+        compiled model runs without DDP's gradient hooks.) The trunk-only --compile-frozen is off."""
+        self.model.compile()
+        logging.info("torch.compile: whole model compiled (compiles at the first step); --compile-frozen off, "
+                     "text padding trim off")
+
+    def _recompile_after_unlock(self) -> None:
+        """The compiled graphs were traced with the old requires_grad; dropping them makes the
+        next step trace the new trainable set rather than rely on guard failures."""
+        if self.cfg.model.torchcompile:
+            torch.compiler.reset()
+            logging.info("torch.compile: trainable set changed at the unlock; compiled graphs dropped, the model "
+                         "recompiles at the next step")
 
     def _apply_rules(self, epoch: int, log_as: str) -> None:
         apply_trainable(self.model, list(self.plan.rules_at(epoch)))
@@ -303,10 +337,11 @@ class Trainer:
         if self.paths is not None and self.world.is_master:
             drop_results_after(self.paths.results, self.start_epoch)
             drop_metrics_after(self.paths.metrics, self.step)
-        if self.val_data is not None and cfg.eval.val_at_start and self.start_epoch == 0:
+        evaluates = self.val_data is not None or bool(self.zeroshot.sets)
+        if evaluates and cfg.eval.val_at_start and self.start_epoch == 0:
             self.evaluate(0)
         if self.train_data is None:
-            if self.val_data is not None and not cfg.eval.val_at_start:
+            if evaluates and not cfg.eval.val_at_start:
                 self.evaluate(self.start_epoch)
             return False
         if self.start_epoch >= cfg.train.epochs:
@@ -316,8 +351,11 @@ class Trainer:
             if self.train_epoch(epoch):
                 return True
             completed = epoch + 1
-            if self.val_data is not None and (completed % cfg.eval.val_frequency == 0 or completed == cfg.train.epochs):
-                self.evaluate(completed)
+            retrieval = self.val_data is not None and (completed % cfg.eval.val_frequency == 0
+                                                       or completed == cfg.train.epochs)
+            zeroshot = self.zeroshot.cfg.due(completed, cfg.train.epochs) and bool(self.zeroshot.sets)
+            if retrieval or zeroshot:
+                self.evaluate(completed, retrieval=retrieval, zeroshot=zeroshot)
             saved = self.save(completed)
             signum = self._stop_agreed()  # a signal during the evaluation or the save lands here
             if signum and completed < cfg.train.epochs:
@@ -338,6 +376,7 @@ class Trainer:
         self.applied_unlocks |= {u.origin for u in due}
         self.objective.on_unlock({u.tower for u in due})
         check_coverage(self.model, self.optimizer)
+        self._recompile_after_unlock()
         self._wrap()
         what = ", ".join(f"{u.tower} ({len(u.names)} tensors)" for u in due)
         logging.info(f"unlock at epoch {epoch}: {what}")
@@ -539,15 +578,26 @@ class Trainer:
             self.reporters.scalars(values, self.step)
 
     # ---------------------------------------------------------------- eval
-    def evaluate(self, epoch: int) -> Dict[str, float]:
+    def evaluate(self, epoch: int, retrieval: bool = True, zeroshot: bool = True) -> Dict[str, float]:
+        """One results.jsonl row: retrieval on --val-data and zero-shot classification (upstream's
+        keys), whichever is asked for and configured. An explicit call runs zero-shot whatever
+        --zeroshot-frequency says (evaluating a checkpoint, --val-at-start)."""
         cfg = self.cfg
-        bad = BadTally()
-        with user_errors("--val-data"):
-            metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
-                                         cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
-        self.bad_budget.check_eval(epoch, self.val_data.dropped, bad, metrics["num_images"] + metrics["num_bad_images"])
-        row = {"epoch": epoch, "num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images"),
-               "num_bad_images": metrics.pop("num_bad_images")}
+        row: Dict[str, float] = {"epoch": epoch}
+        metrics: Dict[str, float] = {}
+        if retrieval and self.val_data is not None:
+            bad = BadTally()
+            with user_errors("--val-data"):
+                metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
+                                             cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
+            self.bad_budget.check_eval(epoch, self.val_data.dropped, bad,
+                                       metrics["num_images"] + metrics["num_bad_images"])
+            row.update({"num_samples": metrics.pop("num_captions"), "num_images": metrics.pop("num_images"),
+                        "num_bad_images": metrics.pop("num_bad_images")})
+        if zeroshot and self.zeroshot.sets:
+            # epochs=epoch: due by upstream's last-epoch rule, so the caller decides when
+            with user_errors("zero-shot"):
+                metrics.update(self.zeroshot(self.model, epoch, epoch, self.device, cfg.model.precision, self.world))
         row.update(metrics)
         shown = " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
         logging.info(f"Eval Epoch: {epoch} {shown}")

@@ -1,7 +1,8 @@
 """The comparison report as markdown: the runs' configurations, then one table per protocol."""
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Sequence
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .runs import LogInfo, Run
 from .summary import BEST_BY, KS
@@ -82,6 +83,30 @@ def metric_row(run: Run, protocol: str) -> List[str]:
             best.epoch, _pct3(best.recall, "i2t"), _pct3(best.recall, "t2i"), loss]
 
 
+ZEROSHOT_KEY = re.compile(r"^(imagenet(v2)?-zeroshot-val|zeroshot-.+)-top[15]$")
+ZEROSHOT_TITLE = "Zero-shot classification (last epoch evaluated with it)"
+
+
+def zeroshot_last(rows: Sequence[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The last row with zero-shot keys, reduced to its epoch and those keys; None without any."""
+    for row in reversed(rows):
+        found = {k: v for k, v in row.items() if ZEROSHOT_KEY.match(k)}
+        if found:
+            return dict(found, epoch=row.get("epoch", "?"))
+    return None
+
+
+def zeroshot_table(runs: Sequence[Run]) -> List[str]:
+    """Upstream's top-1/top-5 keys (and --zeroshot-data's) as percentages; [] when no run has any."""
+    last = {r.name: zeroshot_last(r.results.rows) for r in runs}
+    keys = sorted({k for v in last.values() if v for k in v if k != "epoch"})
+    if not keys:
+        return []
+    rows = [[name, v["epoch"]] + [f"{100 * v[k]:.2f}%" if k in v else "-" for k in keys] if v
+            else [name, "(no zero-shot results)"] + ["-"] * len(keys) for name, v in last.items()]
+    return ["", f"## {ZEROSHOT_TITLE}", ""] + _table(["run", "epoch"] + keys, rows)
+
+
 def render(runs: Sequence[Run], best_by: str = "mean_r1", sort: Optional[str] = None,
            warnings: Sequence[str] = ()) -> str:
     lines = [f"# Run comparison ({plural(len(runs), 'run')}" + (f", sorted by {sort})" if sort else ")"), ""]
@@ -96,6 +121,7 @@ def render(runs: Sequence[Run], best_by: str = "mean_r1", sort: Optional[str] = 
     lines += _table(METRIC_HEAD, [metric_row(r, "coco") for r in runs])
     lines += ["", f"## {PROTOCOL_TITLES['pairwise']}", "", PAIRWISE_EXPLAINED, ""]
     lines += _table(METRIC_HEAD, [metric_row(r, "pairwise") for r in runs])
+    lines += zeroshot_table(runs)
     notes = list(warnings) + [f"{r.name}: {n}" for r in runs for n in r.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

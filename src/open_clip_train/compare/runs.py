@@ -231,7 +231,8 @@ def load_run(root: Path, name: str, best_by: str = "mean_r1") -> Run:
             notes.append(f"INIT trainable total exceeds visual + text by {rest:,} "
                          "(trainable params outside both towers, or a different counting)")
     protocols = {p: summarize(results.rows, p, best_by) for p in PROTOCOLS}
-    if results.rows and not any(protocols.values()):
+    zeroshot_only = any(k.endswith(("-top1", "-top5")) and "zeroshot" in k for r in results.rows for k in r)
+    if results.rows and not any(protocols.values()) and not zeroshot_only:
         notes.append("results.jsonl has no retrieval recalls (neither coco_* nor image_to_text_*)")
     return Run(name, root, settings, results, log, protocols, notes)
 

@@ -102,6 +102,19 @@ def _hf_text_layout(text: nn.Module) -> TowerLayout:
     return TowerLayout("text", [emb, *layer_groups[:-1], layer_groups[-1] + rest], head)
 
 
+class UnsupportedTower(ValueError):
+    """Parameters outside the image and text towers (e.g. CoCa's text decoder): the freezing
+    schedule cannot place them, so the model is refused before any work (a user error)."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        parts = sorted({n.split(".")[0] for n in self.names})
+        coca = " (CoCa's caption decoder is not supported yet: train CoCa models with upstream's trainer)" \
+            if "text_decoder" in parts else ""
+        super().__init__(f"{len(self.names)} parameters outside the image and text towers ({', '.join(parts)}; e.g. "
+                         f"{self.names[0]}) that this trainer cannot freeze or schedule{coca}")
+
+
 def tower_layout(model: nn.Module) -> Dict[str, TowerLayout]:
     """The layer enumeration of both towers; asserts it covers every parameter exactly once."""
     layouts = {"image": _image_layout(model), "text": _text_layout(model)}
@@ -114,7 +127,7 @@ def tower_layout(model: nn.Module) -> Dict[str, TowerLayout]:
     all_names = [n for n, _ in model.named_parameters()]
     uncovered = [n for n in all_names if n not in seen and n not in SHARED]
     if uncovered:
-        raise RuntimeError(f"layer enumeration misses {len(uncovered)} params, e.g. {uncovered[:3]}")
+        raise UnsupportedTower(uncovered)
     return layouts
 
 

@@ -55,11 +55,20 @@ def _apply_precision(model: nn.Module, device: torch.device, precision: str) -> 
         model.to(device=device)
 
 
-def _build_gpt2_clip(cfg: dict[str, Any], precision: str, device: torch.device) -> nn.Module:
+def _build_gpt2_clip(cfg: dict[str, Any], precision: str, device: torch.device,
+                     overrides: dict[str, Any] | None = None) -> nn.Module:
+    overrides = dict(overrides or {})
+    preprocess = overrides.pop("force_preprocess_cfg", None) or {}
+    refused = sorted(k for k, v in overrides.items() if v)
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise ValueError(f"{flags}: not supported for models with a GPT-2 text tower (open_clip does not build "
+                         "them); add a model config instead")
     model = GPT2CLIP(**cfg, output_dict=True)
     _apply_precision(model, device, precision)
     pp_cfg = asdict(PreprocessCfg())
     pp_cfg["size"] = model.visual.image_size
+    pp_cfg.update(preprocess)
     open_clip.model.set_model_preprocess_cfg(model, pp_cfg)
     return model
 
@@ -78,16 +87,16 @@ def loss_model_kwargs(siglip: bool) -> dict[str, Any]:
 
 
 def _build(name: str, cfg: dict[str, Any], precision: str, device: torch.device,
-           model_kwargs: dict[str, Any]) -> nn.Module:
+           model_kwargs: dict[str, Any], overrides: dict[str, Any] | None = None) -> nn.Module:
     if is_gpt2_config(cfg):
-        return _build_gpt2_clip(cfg, precision, device)
+        return _build_gpt2_clip(cfg, precision, device, overrides)
     root, quiet = logging.getLogger(), _NoRandomInitWarning()
     root.addFilter(quiet)
     try:
         # pretrained_image=False keeps open_clip from asking timm to download trunk weights.
         return text_trim.adopt(open_clip.create_model(
             name, pretrained=None, precision=precision, device=device, output_dict=True, pretrained_image=False,
-            **model_kwargs,
+            **model_kwargs, **(overrides or {}),
         ))
     finally:
         root.removeFilter(quiet)
@@ -132,12 +141,14 @@ def create_model(
         cache_dir: str | None = None,
         trust_checkpoint: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """Build `name` (forward returns a dict) and load the given local weights; see LoadReport for results.
     Torch weight files are read weights-only (no arbitrary unpickling) unless trust_checkpoint.
 
     cache_dir is accepted for CLI symmetry with open_clip; nothing is downloaded, so it is unused.
     model_kwargs override the config's model arguments, as open_clip's (e.g. `loss_model_kwargs`).
+    overrides: open_clip.create_model's force_* arguments (`model_overrides.create_model_kwargs`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
@@ -147,7 +158,7 @@ def create_model(
         raise ValueError("weights cannot be loaded into a model on the meta device")
     # On 'meta' the model is only a shape skeleton (e.g. for parameter counting), built without memory.
     with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
-        model = _build(name, dict(cfg, **(model_kwargs or {})), precision, device, model_kwargs or {})
+        model = _build(name, dict(cfg, **(model_kwargs or {})), precision, device, model_kwargs or {}, overrides)
     report = _load_weights(
         model, is_gpt2_config(cfg), pretrained, pretrained_image, pretrained_image_path, pretrained_text_path,
         trust_checkpoint,
