@@ -10,6 +10,7 @@ from .freeze import FreezeCfg
 from .losses import LossCfg
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
+from .video.training import VideoCfg
 
 
 @dataclass(frozen=True)
@@ -89,4 +90,5 @@ class RunCfg:
     dry_run: bool = False
     trust_checkpoint: bool = False
     malloc_retain: bool = True
+    video: Optional[VideoCfg] = None  # --dataset-type msrvtt: video-text training (video/training.py)
     settings: Dict[str, Any] = field(default_factory=dict)  # every resolved flag, for params.txt

@@ -45,6 +45,11 @@ def check_config(cfg: RunCfg) -> None:
     d, m = cfg.data, cfg.model
     if not d.train_data and not d.val_data and d.dataset_type != "synthetic":
         raise UserError("nothing to do: give --train-data and/or --val-data")
+    if cfg.video is not None:
+        from .video.training import check as check_video
+
+        with user_errors("--dataset-type msrvtt"):
+            check_video(cfg.video, d.train_data, d.val_data)
     for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
         if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
@@ -77,6 +82,10 @@ def check_config(cfg: RunCfg) -> None:
     with _quiet():
         with user_errors(f"--model {m.name}"):
             skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip))
+            if cfg.video is not None:
+                from .video import attach_video
+
+                attach_video(skeleton, cfg.video.model)
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer)
         build_plan(skeleton, cfg.freeze, cfg.train.epochs)

@@ -34,6 +34,8 @@ from .data.bad_budget import BadSampleBudget
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
+from .video import attach_video
+from .video import training as video_training
 from .frozen_compile import FrozenTrunkCompiler
 from .freeze import apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
@@ -98,6 +100,9 @@ class Trainer:
                          f"{TEXT_TRIM_ROUND} (--no-trim-text-padding for the full context length)")
         if report is not None:
             report.log(logging.getLogger())
+        if cfg.video is not None:  # after the weights and the text trim, before the freezing plan
+            attach_video(self.model, cfg.video.model)
+            logging.info(f"video: {cfg.video.model.pooling} pooling over up to {cfg.video.model.max_frames} frames")
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.plan = build_plan(self.model, cfg.freeze, cfg.train.epochs)
@@ -115,7 +120,7 @@ class Trainer:
         preprocess_val = get_preprocess(self.model, is_train=False)
         with user_errors("data"):
             self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank,
-                                 world.world_size, with_ids=self.objective.needs_ids)
+                                 world.world_size, with_ids=self.objective.needs_ids, video=cfg.video)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
         steps_per_epoch = self.train_data.num_batches // cfg.train.accum_freq if self.train_data else 0
@@ -540,6 +545,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- eval
     def evaluate(self, epoch: int) -> Dict[str, float]:
+        if self.cfg.video is not None:
+            return self._evaluate_video(epoch)
         cfg = self.cfg
         bad = BadTally()
         with user_errors("--val-data"):
@@ -551,6 +558,21 @@ class Trainer:
         row.update(metrics)
         shown = " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
         logging.info(f"Eval Epoch: {epoch} {shown}")
+        if self.world.is_master and self.paths is not None:
+            append_result(self.paths.results, row)
+            if self.reporters is not None:
+                self.reporters.scalars({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        return row
+
+    def _evaluate_video(self, epoch: int) -> Dict[str, float]:
+        """MSR-VTT retrieval: the msrvtt_* keys (video/metrics.py) in results.jsonl."""
+        cfg, bad = self.cfg, BadTally()
+        with user_errors("--val-data"):
+            metrics = video_training.evaluate(self.model, self.val_data, self.world, self.device, cfg.model.precision,
+                                              cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
+        self.bad_budget.check_eval(epoch, self.val_data.dropped, bad, video_training.evaluated_entries(metrics))
+        row = video_training.result_row(epoch, metrics)
+        logging.info(f"Eval Epoch: {epoch} " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
         if self.world.is_master and self.paths is not None:
             append_result(self.paths.results, row)
             if self.reporters is not None:
