@@ -45,8 +45,8 @@ def results(run: Path):
     return [json.loads(x) for x in (run / "checkpoints" / "results.jsonl").read_text().splitlines() if x.strip()]
 
 
-@pytest.mark.slow
-def test_run_writes_msrvtt_keys_and_counts_bad_videos(root, tmp_path):
+def run_with_bad_videos(root, tmp_path):
+    """A run with a broken training video and a missing test video; checks its outputs."""
     data = tmp_path / "data"
     shutil.copytree(root, data)
     (data / "videos" / "video0.mp4").write_bytes(b"")  # a training video: substituted, counted
@@ -64,6 +64,33 @@ def test_run_writes_msrvtt_keys_and_counts_bad_videos(root, tmp_path):
     assert train_bad and int(train_bad.group(1)) >= 1  # every caption of video0 that was drawn
     assert re.search(r"Eval Epoch: 0 left out 1 bad sample of 6 .*video16\.mp4", log)
     assert re.search(r"trainable params \(INIT\): visual=\d+, text=\d+, video=\d+, total=\d+", log)
+    return tmp_path / "logs" / "e2e", rows
+
+
+@pytest.fixture(scope="module")
+def e2e(root, tmp_path_factory):
+    return run_with_bad_videos(root, tmp_path_factory.mktemp("e2e"))
+
+
+@pytest.mark.slow
+def test_run_writes_msrvtt_keys_and_counts_bad_videos(e2e):
+    assert e2e[1]  # the checks are in run_with_bad_videos
+
+
+@pytest.mark.slow
+def test_compare_tabulates_video_runs(e2e, capsys):
+    from open_clip_train.compare.cli import main as compare
+
+    run, rows = e2e
+    assert compare([str(run)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("## MSR-VTT"):]
+    assert "| run | last epoch | V2T R@1/5/10 | T2V R@1/5/10 |" in table
+    last = rows[-1]
+    v2t = "/".join(f"{100 * last[f'msrvtt_v2t_R@{k}']:.2f}%" for k in RECALL_KS)
+    t2v = "/".join(f"{100 * last[f'msrvtt_t2v_R@{k}']:.2f}%" for k in RECALL_KS)
+    assert f"| e2e | 1 | {v2t} | {t2v} |" in table
+    assert "n/a: video run, see the MSR-VTT table" in out
 
 
 @pytest.mark.slow
