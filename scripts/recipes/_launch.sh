@@ -7,6 +7,9 @@
 #   MASTER_ADDR     rendezvous host                   (default 127.0.0.1)
 #   MASTER_PORT     rendezvous port                   (default 29500)
 #   COCO_ROOT       COCO root with annotations/, train2017/, val2017/
+#   MSRVTT_ROOT     video recipes: folder with MSRVTT_data.json, the split csvs and videos/
+#   FRAMES_ROOT     video recipes: a frame store (python -m open_clip_train.extract_frames); unset: decode mp4s
+#   VIDEO_POOLING   video recipes: mean | seqtransf | afa | seqtransf-afa (default seqtransf-afa)
 #   LOG_DIR         where runs go                     (default ./logs)
 #   WORKERS         data-loader workers per process   (default 8)
 #   DRY_RUN=1       print the freezing schedule and trainable counts, read no data
@@ -39,4 +42,27 @@ run_recipe() {  # run_recipe NAME WORLD_SIZE trainer-args...
         --nproc_per_node "${NPROC_PER_NODE:-$world}" \
         --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
         -m open_clip_train.main "$@" "${common[@]}" ${EXTRA_ARGS:-}
+}
+
+run_video_recipe() {  # run_video_recipe NAME WORLD_SIZE trainer-args...: MSR-VTT (1k-A test), same knobs
+    local name=$1 world=$2
+    shift 2
+    local root=${MSRVTT_ROOT:-/data/msrvtt}
+    local video=(
+        --dataset-type msrvtt --train-data "$root" --val-data "$root" --msrvtt-test 1k-A
+        --max-frames 12 --max-words 32 --video-pooling "${VIDEO_POOLING:-seqtransf-afa}"
+        --workers "${WORKERS:-8}" --lr-scheduler cosine --wd 0.2 --grad-clip-norm 1.0 --precision amp
+        --log-dir "${LOG_DIR:-./logs}" --name "$name" --resume latest
+    )
+    if [[ -n "${FRAMES_ROOT:-}" ]]; then
+        video+=(--frames-root "$FRAMES_ROOT")
+    fi
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        python -m open_clip_train.main "$@" "${video[@]}" --dry-run ${EXTRA_ARGS:-}
+        return
+    fi
+    torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+        --nproc_per_node "${NPROC_PER_NODE:-$world}" \
+        --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+        -m open_clip_train.main "$@" "${video[@]}" ${EXTRA_ARGS:-}
 }

@@ -146,6 +146,7 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
         dry_run=a.dry_run,
         trust_checkpoint=a.trust_checkpoint,
         malloc_retain=a.malloc_retain,
+        video=_video(a),
         settings=dict(vars(a)),
     )
 
@@ -165,6 +166,30 @@ def _overrides(a: argparse.Namespace) -> ModelOverrides:
     except ValueError as e:
         raise UserError(str(e)) from None
     return o
+_VIDEO_FLAGS = ("msrvtt_train_split", "msrvtt_test", "video_root", "frames_root", "video_pooling", "max_frames",
+                "max_words", "video_temporal_layers")
+
+
+def _video(a: argparse.Namespace):
+    """--dataset-type msrvtt and its flags; the video flags without it are refused (they would do nothing)."""
+    from .video import VideoModelCfg
+    from .video.training import VideoCfg
+
+    if a.dataset_type != "msrvtt":
+        defaults = build_parser().parse_args([]).__dict__
+        given = [f for f in _VIDEO_FLAGS if getattr(a, f) != defaults[f]]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is a video flag: it needs --dataset-type msrvtt")
+        return None
+    if a.distill or a.headalign or a.teacher_cache:
+        raise UserError("--dataset-type msrvtt trains without --distill / --headalign / --teacher-cache for now")
+    try:
+        return VideoCfg(train_split=a.msrvtt_train_split, test_split=a.msrvtt_test, video_root=a.video_root,
+                        frames_root=a.frames_root, max_words=a.max_words,
+                        model=VideoModelCfg(pooling=a.video_pooling, max_frames=a.max_frames,
+                                            temporal_layers=a.video_temporal_layers))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _objective(a: argparse.Namespace) -> ObjectiveCfg:

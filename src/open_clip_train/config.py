@@ -12,6 +12,7 @@ from .model_overrides import ModelOverrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
 from .zeroshot import ZeroShotCfg
+from .video.training import VideoCfg
 
 
 @dataclass(frozen=True)
@@ -94,4 +95,5 @@ class RunCfg:
     dry_run: bool = False
     trust_checkpoint: bool = False
     malloc_retain: bool = True
+    video: Optional[VideoCfg] = None  # --dataset-type msrvtt: video-text training (video/training.py)
     settings: Dict[str, Any] = field(default_factory=dict)  # every resolved flag, for params.txt

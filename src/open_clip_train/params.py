@@ -198,8 +198,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         "--val-num-samples", type=int, default=None,
         help="Number of samples in dataset. Useful for webdataset if not in an info file.")
     g.add_argument(
-        "--dataset-type", choices=["webdataset", "csv", "synthetic", "auto", "coco"], default="auto",
-        help="Which type of dataset to process ('coco': COCO captions JSON plus an image root).")
+        "--dataset-type", choices=["webdataset", "csv", "synthetic", "auto", "coco", "msrvtt"], default="auto",
+        help="Which type of dataset to process ('coco': COCO captions JSON plus an image root; 'msrvtt': "
+             "video-text retrieval, --train-data/--val-data name the folder holding MSRVTT_data.json).")
     g.add_argument(
         "--dataset-resampled", default=False, action="store_true",
         help="Sample webdataset shards with replacement.")
@@ -220,8 +221,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         help="Directory that relative image paths in --val-data resolve against.")
     g.add_argument(
         "--coco-caption-sampling", choices=["all", "random"], default="all",
-        help="COCO: 'all' makes one sample per caption; 'random' one sample per image with a "
-             "caption drawn at random each time.")
+        help="COCO and MSR-VTT: 'all' makes one sample per caption; 'random' one sample per image "
+             "(video) with a caption drawn at random each epoch.")
     g.add_argument(
         "--workers", type=int, default=4, help="Number of dataloader workers per GPU.")
     g.add_argument(
@@ -247,6 +248,35 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         help="Bad samples (missing/empty/truncated/undecodable images, empty captions, broken shard "
              "members) are replaced and counted; stop with an error once more than F of a training "
              "epoch, or of the evaluation set, is bad.")
+
+
+def _add_video(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("video (--dataset-type msrvtt)")
+    g.add_argument(
+        "--msrvtt-train-split", default="9k", metavar="9k|7k|CSV",
+        help="Training videos: the 9k or 7k list under --train-data, or a csv with a video_id column.")
+    g.add_argument(
+        "--msrvtt-test", choices=["1k-A", "full"], default="1k-A",
+        help="Test set: 1k-A (1,000 videos, one caption each) or full (2,990 videos, all 59,800 captions).")
+    g.add_argument(
+        "--video-root", metavar="DIR", default=None,
+        help="Folder of <video_id>.mp4 files, decoded on every read (default: ROOT/videos).")
+    g.add_argument(
+        "--frames-root", metavar="DIR", default=None,
+        help="A frame store written by python -m open_clip_train.extract_frames (read instead of the mp4s).")
+    g.add_argument(
+        "--video-pooling", choices=["mean", "seqtransf", "afa", "seqtransf-afa"], default="mean",
+        help="Frame aggregation: mean (no parameters), seqtransf (CLIP4Clip's temporal transformer), "
+             "afa (TeachCLIP's attentional frame aggregation); its parameters are named video_pool.*.")
+    g.add_argument(
+        "--max-frames", type=_int_at_least(1), default=12, metavar="N",
+        help="Frames per video (one per second, evenly thinned to N).")
+    g.add_argument(
+        "--max-words", type=_int_at_least(2), default=32, metavar="N",
+        help="Caption tokens, start and end tokens included (CLIP4Clip's max_words).")
+    g.add_argument(
+        "--video-temporal-layers", type=_int_at_least(1), default=4, metavar="N",
+        help="seqtransf: temporal transformer blocks (initialised from the text tower's first N when widths match).")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -567,7 +597,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 
 _GROUPS = (
-    _add_data, _add_model, _add_optimisation, _add_schedule, _add_precision,
+    _add_data, _add_video, _add_model, _add_optimisation, _add_schedule, _add_precision,
     _add_locking, _add_evaluation, _add_logging, _add_distributed, _add_distillation, _add_run,
 )
 

@@ -49,6 +49,11 @@ def check_config(cfg: RunCfg) -> None:
     _check_zeroshot(cfg)
     if cfg.output.copy_codebase and cfg.output.logs.lower() == "none":
         raise UserError("--copy-codebase records the source in the run directory; --log-dir none has none")
+    if cfg.video is not None:
+        from .video.training import check as check_video
+
+        with user_errors("--dataset-type msrvtt"):
+            check_video(cfg.video, d.train_data, d.val_data)
     for flag, path in (("--train-data", d.train_data), ("--val-data", d.val_data)):
         if path and _data_file_kind(d.dataset_type, path) and not Path(path).is_file():
             raise UserError(f"{flag} {path}: no such file")
@@ -83,6 +88,10 @@ def check_config(cfg: RunCfg) -> None:
         with user_errors(f"--model {m.name}"):
             skeleton, _ = create_model(m.name, device="meta", model_kwargs=loss_model_kwargs(cfg.objective.loss.siglip),
                                        overrides=create_model_kwargs(m.overrides))
+            if cfg.video is not None:
+                from .video import attach_video
+
+                attach_video(skeleton, cfg.video.model)
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer, context_length=tokenizer_context_length(m.overrides))
         with user_errors(f"--model {m.name}"):  # e.g. a tower the freezing schedule cannot place

@@ -34,6 +34,8 @@ from .data.bad_budget import BadSampleBudget
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_retrieval
+from .video import attach_video
+from .video import training as video_training
 from .zeroshot import ZeroShotEvaluator
 from .frozen_compile import FrozenTrunkCompiler
 from .freeze import apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
@@ -105,6 +107,9 @@ class Trainer:
                          f"{TEXT_TRIM_ROUND} (--no-trim-text-padding for the full context length)")
         if report is not None:
             report.log(logging.getLogger())
+        if cfg.video is not None:  # after the weights and the text trim, before the freezing plan
+            attach_video(self.model, cfg.video.model)
+            logging.info(f"video: {cfg.video.model.pooling} pooling over up to {cfg.video.model.max_frames} frames")
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.plan = build_plan(self.model, cfg.freeze, cfg.train.epochs)
@@ -127,7 +132,7 @@ class Trainer:
         self.preprocess = (preprocess_train, preprocess_val)
         with user_errors("data"):
             self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank,
-                                 world.world_size, with_ids=self.objective.needs_ids)
+                                 world.world_size, with_ids=self.objective.needs_ids, video=cfg.video)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
         with user_errors("zero-shot"):
@@ -579,13 +584,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- eval
     def evaluate(self, epoch: int, retrieval: bool = True, zeroshot: bool = True) -> Dict[str, float]:
-        """One results.jsonl row: retrieval on --val-data and zero-shot classification (upstream's
-        keys), whichever is asked for and configured. An explicit call runs zero-shot whatever
-        --zeroshot-frequency says (evaluating a checkpoint, --val-at-start)."""
+        """One results.jsonl row: retrieval on --val-data (COCO-style or MSR-VTT) and zero-shot
+        classification (upstream's keys), whichever is asked for and configured. An explicit
+        call runs zero-shot whatever --zeroshot-frequency says (evaluating a checkpoint,
+        --val-at-start)."""
         cfg = self.cfg
         row: Dict[str, float] = {"epoch": epoch}
         metrics: Dict[str, float] = {}
-        if retrieval and self.val_data is not None:
+        if retrieval and self.val_data is not None and cfg.video is not None:
+            metrics = self._video_metrics(epoch)
+            row["num_samples"] = metrics["msrvtt_num_captions"]
+        elif retrieval and self.val_data is not None:
             bad = BadTally()
             with user_errors("--val-data"):
                 metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
@@ -606,6 +615,15 @@ class Trainer:
             if self.reporters is not None:
                 self.reporters.scalars({f"val/{k}": v for k, v in metrics.items()}, self.step)
         return row
+
+    def _video_metrics(self, epoch: int) -> Dict[str, float]:
+        """MSR-VTT retrieval: the msrvtt_* keys (video/metrics.py), bad videos left out."""
+        cfg, bad = self.cfg, BadTally()
+        with user_errors("--val-data"):
+            metrics = video_training.evaluate(self.model, self.val_data, self.world, self.device, cfg.model.precision,
+                                              cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
+        self.bad_budget.check_eval(epoch, self.val_data.dropped, bad, video_training.evaluated_entries(metrics))
+        return metrics
 
     def close(self) -> None:
         if self.reporters is not None:

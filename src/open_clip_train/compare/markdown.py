@@ -11,6 +11,7 @@ from .words import as_float, as_int, as_str, fmt_lr, freeze_in_words, global_bat
 PROTOCOL_TITLES = {
     "coco": "COCO protocol (`coco_*` keys: every caption of an image counts as a match)",
     "pairwise": "Pairwise (upstream) metrics; not comparable to COCO protocol",
+    "msrvtt": "MSR-VTT video-text retrieval (`msrvtt_*` keys: V2T in the I2T columns' place, T2V in T2I's)",
 }
 PAIRWISE_EXPLAINED = ("`image_to_text_*` / `text_to_image_*` keys: upstream's pairwise retrieval over "
                       "(image, caption) pairs, where an image's other captions count as negatives, so "
@@ -37,7 +38,8 @@ def _counts(log: Optional[LogInfo]) -> str:
     if log is None or log.init_counts is None:
         return "-"
     c = log.init_counts
-    return f"{c['total']:,} ({c['visual']:,} / {c['text']:,})"
+    video = f" / video {c['video']:,}" if "video" in c else ""
+    return f"{c['total']:,} ({c['visual']:,} / {c['text']:,}{video})"
 
 
 def config_row(run: Run) -> List[str]:
@@ -64,6 +66,7 @@ CONFIG_HEAD = ["run", "model", "text tower", "freeze / unfreeze", "distill / hea
                "batch x world x accum = global", "trainable @INIT: total (visual / text)"]
 METRIC_HEAD = ["run", "last epoch", "I2T R@1/5/10", "T2I R@1/5/10", "best epoch", "I2T R@1/5/10 (best)",
                "T2I R@1/5/10 (best)", "clip_val_loss (last)"]
+VIDEO_HEAD = [h.replace("I2T", "V2T").replace("T2I", "T2V") for h in METRIC_HEAD]
 
 
 def metric_row(run: Run, protocol: str) -> List[str]:
@@ -73,8 +76,11 @@ def metric_row(run: Run, protocol: str) -> List[str]:
             why = "no results.jsonl" if run.results.path is None else "no readable results"
         elif protocol == "coco" and run.protocols.get("pairwise") is not None:
             why = "n/a: upstream run, pairwise (upstream) metrics only"
+        elif protocol != "msrvtt" and run.protocols.get("msrvtt") is not None:
+            why = "n/a: video run, see the MSR-VTT table"
         else:
-            why = f"n/a: no {'coco_*' if protocol == 'coco' else 'image_to_text_*'} recalls"
+            key = {"coco": "coco_*", "pairwise": "image_to_text_*", "msrvtt": "msrvtt_*"}[protocol]
+            why = f"n/a: no {key} recalls"
         return [run.name, f"({why})"] + ["-"] * (len(METRIC_HEAD) - 2)
     last, best = s.last, s.best
     last_epoch = f"{last.epoch} (see notes)" if run.results.notes else last.epoch
@@ -122,6 +128,9 @@ def render(runs: Sequence[Run], best_by: str = "mean_r1", sort: Optional[str] = 
     lines += ["", f"## {PROTOCOL_TITLES['pairwise']}", "", PAIRWISE_EXPLAINED, ""]
     lines += _table(METRIC_HEAD, [metric_row(r, "pairwise") for r in runs])
     lines += zeroshot_table(runs)
+    if any(r.protocols.get("msrvtt") is not None for r in runs):
+        lines += ["", f"## {PROTOCOL_TITLES['msrvtt']}", "", best_note, ""]
+        lines += _table(VIDEO_HEAD, [metric_row(r, "msrvtt") for r in runs])
     notes = list(warnings) + [f"{r.name}: {n}" for r in runs for n in r.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

@@ -86,7 +86,7 @@ def read_results(root: Path) -> Results:
     return Results(rows, path, notes)
 
 
-_COUNTS = r"visual=(\d+), text=(\d+), total=(\d+)"
+_COUNTS = r"visual=(\d+), text=(\d+)(?:, video=(\d+))?, total=(\d+)"
 _TRAINABLE_RE = re.compile(r"trainable params \((INIT|epoch (\d+))\): " + _COUNTS)
 _UNLOCK_RE = re.compile(r"unlock at epoch (\d+): (.*)$")
 _UNLOCK_TOWER_RE = re.compile(r"(\w+) \(\d+ tensors\)")
@@ -130,7 +130,9 @@ def parse_log(lines) -> LogInfo:
             continue
         m = _TRAINABLE_RE.search(line)
         if m is not None:
-            counts = dict(zip(("visual", "text", "total"), map(int, m.group(3, 4, 5))))
+            counts = dict(zip(("visual", "text", "total"), map(int, m.group(3, 4, 6))))
+            if m.group(5) is not None:  # a video run's frame aggregation
+                counts["video"] = int(m.group(5))
             if m.group(1) == "INIT" and info.init_counts is None:
                 info.init_counts = counts
             elif m.group(2) is not None:
@@ -226,14 +228,14 @@ def load_run(root: Path, name: str, best_by: str = "mean_r1") -> Run:
         notes.append("no out.log: no trainable counts or loss curve")
     else:
         c = log.init_counts
-        if c is not None and c["total"] - c["visual"] - c["text"] > max(1000, c["total"] // 100):
-            rest = c["total"] - c["visual"] - c["text"]
+        rest = c["total"] - c["visual"] - c["text"] - c.get("video", 0) if c is not None else 0
+        if c is not None and rest > max(1000, c["total"] // 100):
             notes.append(f"INIT trainable total exceeds visual + text by {rest:,} "
                          "(trainable params outside both towers, or a different counting)")
     protocols = {p: summarize(results.rows, p, best_by) for p in PROTOCOLS}
     zeroshot_only = any(k.endswith(("-top1", "-top5")) and "zeroshot" in k for r in results.rows for k in r)
     if results.rows and not any(protocols.values()) and not zeroshot_only:
-        notes.append("results.jsonl has no retrieval recalls (neither coco_* nor image_to_text_*)")
+        notes.append("results.jsonl has no retrieval recalls (neither coco_*, image_to_text_* nor msrvtt_*)")
     return Run(name, root, settings, results, log, protocols, notes)
 
 

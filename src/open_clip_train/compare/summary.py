@@ -16,6 +16,8 @@ DIRECTIONS = ("i2t", "t2i")
 PROTOCOLS: Dict[str, Dict[str, str]] = {
     "coco": {"i2t": "coco_i2t", "t2i": "coco_t2i"},
     "pairwise": {"i2t": "image_to_text", "t2i": "text_to_image"},
+    # video runs: V2T in the i2t slot, T2V in the t2i slot (video/metrics.py)
+    "msrvtt": {"i2t": "msrvtt_v2t", "t2i": "msrvtt_t2v"},
 }
 BEST_BY = {
     "mean_r1": "mean of I2T R@1 and T2I R@1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DATASET_TYPES = ("auto", "coco", "csv", "webdataset", "synthetic")
+DATASET_TYPES = ("auto", "coco", "csv", "webdataset", "synthetic", "msrvtt")
 CAPTION_SAMPLING = ("all", "random")
 
 
@@ -15,7 +15,7 @@ class DataCfg:
     val_data: str | None = None
     train_image_root: str | None = None  # default: COCO standard layout / CSV paths as written
     val_image_root: str | None = None
-    coco_caption_sampling: str = "all"  # all: every pair per epoch; random: one caption per image
+    coco_caption_sampling: str = "all"  # all: every pair per epoch; random: one caption per image (video)
     train_num_samples: int | None = None  # caps the epoch (required for webdataset w/o sizes.json)
     val_num_samples: int | None = None  # caps the number of evaluation images
     batch_size: int = 64  # per rank

@@ -222,9 +222,17 @@ def _val(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer) -> RetrievalDa
 
 
 def get_data(cfg: DataCfg, preprocess_train: Callable, preprocess_val: Callable, tokenizer: Tokenizer,
-             rank: int = 0, world_size: int = 1, *, with_ids: bool = False) -> dict:
+             rank: int = 0, world_size: int = 1, *, with_ids: bool = False, video=None) -> dict:
     """{'train': DataInfo} if there is training data, {'val': RetrievalData} if val_data.
-    with_ids: training batches also carry each sample's (image id, caption id) (Captioned)."""
+    with_ids: training batches also carry each sample's (image id, caption id) (Captioned).
+    dataset_type 'msrvtt': video data selected by `video` (a VideoCfg; video/training.py), frames
+    through `preprocess_val` in training too."""
+    if cfg.dataset_type == "msrvtt":
+        from ..video.training import get_video_data
+
+        if video is None:
+            raise ValueError("dataset type msrvtt needs its video settings")
+        return get_video_data(cfg, video, preprocess_val, tokenizer, rank, world_size)
     data: dict = {}
     if cfg.train_data or cfg.dataset_type == "synthetic":
         data["train"] = _train(cfg, preprocess_train, tokenizer, rank, world_size, with_ids)

@@ -12,6 +12,10 @@ import torch.nn as nn
 
 TOWERS = ("image", "text")
 SHARED = ("logit_scale", "logit_bias")
+# A video model's frame aggregation (video/model.py): a part of its own, new to both towers, so it
+# trains under --lock-image --lock-text (only --lock-pattern / --lr-mult RE=0 freeze it).
+VIDEO = "video"
+VIDEO_PREFIX = "video_pool."
 
 
 @dataclass
@@ -118,6 +122,9 @@ class UnsupportedTower(ValueError):
 def tower_layout(model: nn.Module) -> Dict[str, TowerLayout]:
     """The layer enumeration of both towers; asserts it covers every parameter exactly once."""
     layouts = {"image": _image_layout(model), "text": _text_layout(model)}
+    video = [n for n, _ in model.named_parameters() if n.startswith(VIDEO_PREFIX)]
+    if video:
+        layouts[VIDEO] = TowerLayout(VIDEO, [], head=video)
     seen: Dict[str, str] = {}
     for tower in layouts.values():
         for n in tower.names:
@@ -134,24 +141,30 @@ def tower_layout(model: nn.Module) -> Dict[str, TowerLayout]:
 def tower_of(name: str) -> str:
     if name in SHARED:
         return "shared"
+    if name.startswith(VIDEO_PREFIX):
+        return VIDEO
     return "image" if name.startswith("visual.") else "text"
 
 
 def count_trainable(model: nn.Module) -> Dict[str, int]:
     """Trainable parameter counts: visual = the image tower, text = the whole text side
-    (wherever the tower keeps its params: CLIP's sits at the model's top level)."""
+    (wherever the tower keeps its params: CLIP's sits at the model's top level); a video model
+    also has `video`, its frame aggregation, on a line of its own: it is neither tower's, and
+    "lock both towers, train the aggregation" should read as visual=0, text=0, video=N."""
     counts = {"visual": 0, "text": 0, "total": 0}
+    key = {"image": "visual", "text": "text", VIDEO: VIDEO}
     for n, p in model.named_parameters():
+        if n.startswith(VIDEO_PREFIX):
+            counts.setdefault(VIDEO, 0)
         if not p.requires_grad:
             continue
         counts["total"] += p.numel()
-        tower = tower_of(n)
-        if tower == "image":
-            counts["visual"] += p.numel()
-        elif tower == "text":
-            counts["text"] += p.numel()
+        tower = key.get(tower_of(n))
+        if tower is not None:
+            counts[tower] = counts.get(tower, 0) + p.numel()
     return counts
 
 
 def format_counts(counts: Dict[str, int]) -> str:
-    return f"visual={counts['visual']}, text={counts['text']}, total={counts['total']}"
+    video = f", video={counts[VIDEO]}" if VIDEO in counts else ""
+    return f"visual={counts['visual']}, text={counts['text']}{video}, total={counts['total']}"

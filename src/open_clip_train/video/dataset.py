@@ -185,8 +185,8 @@ def build_eval(split: VideoCaptions, frames: FrameSource, transform: Callable, t
 
 def build_train(split: VideoCaptions, frames: FrameSource, transform: Callable, tokenizer: Tokenizer, *,
                 max_frames: int, batch_size: int, caption_sampling: str = "all", seed: int = 0, workers: int = 0,
-                rank: int = 0, world_size: int = 1, num_samples: int | None = None
-                ) -> tuple[DataLoader, GlobalBatchSampler]:
+                rank: int = 0, world_size: int = 1, num_samples: int | None = None,
+                collate_fn: Callable = collate) -> tuple[DataLoader, GlobalBatchSampler]:
     """Loader and its GlobalBatchSampler (set_epoch, start_batch, num_batches), as the image data's.
     caption_sampling: 'all' (a sample per caption) or 'random' (one caption per video per epoch)."""
     if caption_sampling not in ("all", "random"):
@@ -201,5 +201,5 @@ def build_train(split: VideoCaptions, frames: FrameSource, transform: Callable, 
                          f"{batch_size} x {world_size} ranks")
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=torch.cuda.is_available(),
-                        generator=torch.Generator().manual_seed(seed + rank), collate_fn=collate)
+                        generator=torch.Generator().manual_seed(seed + rank), collate_fn=collate_fn)
     return loader, sampler

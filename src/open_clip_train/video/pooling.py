@@ -67,7 +67,7 @@ class TemporalTransformer(nn.Module):
             copy.deepcopy(text_blocks[i]) if i < copied else ResidualAttentionBlock(width, heads)
             for i in range(layers))
         self.init_from = f"{copied} text blocks + {layers - copied} new"
-        if text_positions is not None and text_positions.shape[0] >= max_frames:
+        if text_positions is not None and text_positions.shape[0] >= max_frames and not text_positions.is_meta:
             with torch.no_grad():
                 self.position_embeddings.copy_(text_positions[:max_frames])
         for p in self.parameters():  # the text tower may be frozen; these copies are new modules
