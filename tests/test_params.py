@@ -13,7 +13,7 @@ import pytest
 from open_clip_train import params as ours
 
 # The only intended differences in upstream flags' attributes.
-EXTRA_CHOICES = {"dataset_type": {"coco"}}
+EXTRA_CHOICES = {"dataset_type": {"coco", "msrvtt"}}
 
 
 def _load_upstream():
