@@ -71,4 +71,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf $(DEMO_DATA) logs .pytest_cache
+	rm -rf $(DEMO_DATA) $(DEMO_VIDEO_DATA) logs .pytest_cache
