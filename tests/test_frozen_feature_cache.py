@@ -116,6 +116,11 @@ def test_manifest_mismatch_and_bad_setups_are_one_error_line(demo, tmp_path, cap
     err = _one_error_line(capsys, _argv(root, other, "mm2", "--lock-image", "--lock-text",
                                         "--frozen-feature-cache", cache))
     assert "annotations" in err
+    import shutil
+    copy = shutil.copytree(d.root / "train2017", tmp_path / "elsewhere")  # same ids, other images
+    err = _one_error_line(capsys, _argv(root, d, "mm5", "--lock-image", "--lock-text", "--frozen-feature-cache",
+                                        cache, "--train-image-root", copy))
+    assert "data.image_root" in err
     argv = [a for a in _argv(root, d, "mm3", "--lock-image", "--frozen-feature-cache", tmp_path / "c")
             if a != "--no-augment"]
     assert "augmentation" in _one_error_line(capsys, argv)

@@ -20,7 +20,6 @@ and a transform that returns a placeholder.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader
 from . import distributed as dist_env
 from .data.bad_samples import BadImage, Batch
 from .data.datasets import PairDataset, load_rgb
-from .distill.cache import file_sha256, preprocess_fields
+from .distill.cache import file_sha256, image_root_of, preprocess_fields
 from .errors import UserError
 from .freeze.layout import tower_layout
 from .video.feature_cache import FeatureCache, FeatureShardWriter, tensors_sha256, write_manifest
@@ -86,11 +85,6 @@ def _part_weights(model: nn.Module, tower: str, part: str) -> Dict[str, torch.Te
     return {n: p for n, p in model.named_parameters() if n in names}
 
 
-def _image_root(images: Sequence[str]) -> Optional[str]:
-    paths = [os.path.dirname(os.path.abspath(p)) for p in images if isinstance(p, str)]
-    return os.path.commonpath(paths) if paths else None
-
-
 def expected_meta(cfg, model: nn.Module, parts: Dict[str, str], dataset: PairDataset, dtype: str) -> Dict[str, Any]:
     return {
         "model": cfg.model.name,
@@ -102,7 +96,7 @@ def expected_meta(cfg, model: nn.Module, parts: Dict[str, str], dataset: PairDat
         "data": {
             "annotations": str(Path(cfg.data.train_data).resolve()),
             "annotations_sha256": file_sha256(cfg.data.train_data),
-            "image_root": _image_root(dataset.images) if "image" in parts else None,
+            "image_root": image_root_of(dataset.images) if "image" in parts else None,
         },
         "feature_dtype": dtype,
     }

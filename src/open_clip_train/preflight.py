@@ -112,7 +112,7 @@ def _check_teacher_cache(cfg: RunCfg) -> None:
     (type, annotation file hash, CSV columns) and, from the training set's ids, that every sample
     has its rows."""
     from .data import resolve_dataset_type, train_captioned
-    from .distill.cache import TeacherCache, expected_fields
+    from .distill.cache import TeacherCache, expected_fields, image_root_of
 
     d, data = cfg.objective.distill, cfg.data
     try:
@@ -125,9 +125,12 @@ def _check_teacher_cache(cfg: RunCfg) -> None:
                                 f"not {kind}")
             expected.update(expected_fields(dataset_type=kind, annotations=data.train_data,
                                             columns=[data.csv_img_key, data.csv_caption_key] if kind == "csv" else None))
+        captioned = train_captioned(data) if data.train_data else None
+        if captioned is not None:  # the same ids from other images: refused
+            expected["dataset.image_root"] = image_root_of(captioned.images)
         cache.check(expected)
-        if data.train_data:
-            cache.check_covers(train_captioned(data).pair_ids(), f"--train-data {data.train_data}")
+        if captioned is not None:
+            cache.check_covers(captioned.pair_ids(), f"--train-data {data.train_data}")
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"--teacher-cache: {e}") from None
 
@@ -139,7 +142,8 @@ def _check_frozen_feature_cache(cfg: RunCfg, skeleton: torch.nn.Module, plan) ->
     model is built (frozen_features.FrozenFeatures.prepare)."""
     from .data import resolve_dataset_type, train_captioned
     from .distill.cache import file_sha256
-    from .frozen_features import _image_root, frozen_parts
+    from .distill.cache import image_root_of
+    from .frozen_features import frozen_parts
     from .freeze import apply_trainable
     from .video.feature_cache import FeatureCache
 
@@ -167,7 +171,7 @@ def _check_frozen_feature_cache(cfg: RunCfg, skeleton: torch.nn.Module, plan) ->
         expected = {"model": cfg.model.name, "precision": cfg.model.precision,
                     "data.annotations_sha256": file_sha256(data.train_data)}
         if "image" in cache.manifest.get("parts", {}):
-            expected["data.image_root"] = _image_root(train_captioned(data).images)
+            expected["data.image_root"] = image_root_of(train_captioned(data).images)
         cache.check(expected)
     except ValueError as e:
         raise UserError(f"{flag}: {e}") from None
