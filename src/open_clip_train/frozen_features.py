@@ -303,5 +303,5 @@ def rebuild_loader(loader: DataLoader) -> DataLoader:
 
 def notice(parts: Dict[str, str]) -> str:
     what = " and ".join("the text tower" if t == "text" else f"the image tower's {p}" for t, p in parts.items())
-    return (f"frozen-feature cache: {what} stay frozen on un-augmented input; --frozen-feature-cache DIR would "
+    return (f"frozen-feature cache: {what} stay frozen on input without augmentation; --frozen-feature-cache DIR would "
             "compute their outputs once and train the rest on them")
