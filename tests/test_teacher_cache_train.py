@@ -240,3 +240,16 @@ def test_two_ranks_with_cache(setup, tmp_path):
     assert ids[0] | ids[1] <= pairs and len({i for i, _ in ids[0] | ids[1]}) == 24
     log = (root / "logs" / "ddp" / "out.log").read_text()
     assert "Distill_loss" in log
+
+
+def test_cache_of_other_images_under_the_same_ids_is_refused(setup, tmp_path, capsys):
+    """The manifest records the image root: the same annotation file over a copy of the images
+    elsewhere (--train-image-root) is another data set as far as the cache can tell."""
+    import shutil
+    root, demo, ckpt, cache = setup
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["dataset"]["image_root"] == str(Path(demo.root / "train2017").resolve())
+    copy = shutil.copytree(demo.root / "train2017", tmp_path / "elsewhere")
+    err = _one_error_line(capsys, _argv(root, demo, ckpt, "other_root", "--teacher-cache", cache,
+                                        "--train-image-root", copy))
+    assert "dataset.image_root" in err and "extract_teacher" in err

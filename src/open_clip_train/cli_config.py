@@ -116,6 +116,7 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             seed=a.seed,
             log_every_n_steps=a.log_every_n_steps,
             no_augment=a.no_augment,
+            frozen_feature_cache=a.frozen_feature_cache or None,
             skip_nonfinite_steps=a.skip_nonfinite_steps,
         ),
         optim=OptimCfg(name=a.opt, lr=a.lr, beta1=a.beta1, beta2=a.beta2, eps=a.eps, weight_decay=a.wd,

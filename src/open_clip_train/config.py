@@ -46,6 +46,7 @@ class TrainCfg:
     seed: int = 0
     log_every_n_steps: int = 100
     no_augment: bool = False
+    frozen_feature_cache: Optional[str] = None  # frozen_features.py
     skip_nonfinite_steps: int = 0  # optimizer steps with a non-finite loss/gradient skipped before stopping
 
 

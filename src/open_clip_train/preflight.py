@@ -95,7 +95,9 @@ def check_config(cfg: RunCfg) -> None:
         with user_errors("--text-tokenizer" if m.text_tokenizer else f"--model {m.name}"):
             get_tokenizer(m.name, m.text_tokenizer, context_length=tokenizer_context_length(m.overrides))
         with user_errors(f"--model {m.name}"):  # e.g. a tower the freezing schedule cannot place
-            build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+            plan = build_plan(skeleton, cfg.freeze, cfg.train.epochs)
+        if cfg.train.frozen_feature_cache:
+            _check_frozen_feature_cache(cfg, skeleton, plan)
     if resume is not None and resume != "latest":
         _check_fits("--resume", resume, skeleton, cfg.trust_checkpoint)
     if m.pretrained and not m.pretrained.endswith(".safetensors") and Path(m.pretrained).is_file():
@@ -154,7 +156,7 @@ def _check_teacher_cache(cfg: RunCfg) -> None:
     (type, annotation file hash, CSV columns) and, from the training set's ids, that every sample
     has its rows."""
     from .data import resolve_dataset_type, train_captioned
-    from .distill.cache import TeacherCache, expected_fields
+    from .distill.cache import TeacherCache, expected_fields, image_root_of
 
     d, data = cfg.objective.distill, cfg.data
     try:
@@ -167,11 +169,59 @@ def _check_teacher_cache(cfg: RunCfg) -> None:
                                 f"not {kind}")
             expected.update(expected_fields(dataset_type=kind, annotations=data.train_data,
                                             columns=[data.csv_img_key, data.csv_caption_key] if kind == "csv" else None))
+        captioned = train_captioned(data) if data.train_data else None
+        if captioned is not None:  # the same ids from other images: refused
+            expected["dataset.image_root"] = image_root_of(captioned.images)
         cache.check(expected)
-        if data.train_data:
-            cache.check_covers(train_captioned(data).pair_ids(), f"--train-data {data.train_data}")
+        if captioned is not None:
+            cache.check_covers(captioned.pair_ids(), f"--train-data {data.train_data}")
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"--teacher-cache: {e}") from None
+
+
+def _check_frozen_feature_cache(cfg: RunCfg, skeleton: torch.nn.Module, plan) -> None:
+    """--frozen-feature-cache before any weights or images are read: that it applies (locked part,
+    deterministic input, an objective that does not read images itself) and, for an existing
+    cache, the manifest's model, precision and training data. Its weights hash is checked once the
+    model is built (frozen_features.FrozenFeatures.prepare)."""
+    from .data import resolve_dataset_type, train_captioned
+    from .distill.cache import file_sha256
+    from .distill.cache import image_root_of
+    from .frozen_features import frozen_parts
+    from .freeze import apply_trainable
+    from .video.feature_cache import FeatureCache
+
+    t, data, obj = cfg.train, cfg.data, cfg.objective
+    flag = "--frozen-feature-cache"
+    if not t.no_augment:
+        raise UserError(f"{flag} needs --no-augment: with random augmentation the frozen outputs change every epoch")
+    if cfg.model.torchcompile:  # the cache swaps forwards in and out, which a compiled graph would not see
+        raise UserError(f"{flag} cannot be used with --torchcompile: the cached run skips the frozen part the "
+                        "compiled graph would run; use one or the other")
+    if cfg.freeze.frozen_train_mode:
+        raise UserError(f"{flag} cannot be used with --frozen-train-mode (frozen modules in train mode are not "
+                        "deterministic)")
+    if obj.headalign is not None or (obj.distill is not None and not obj.distill.teacher_cache):
+        raise UserError(f"{flag}: this objective runs on the images themselves (a live teacher or --headalign); "
+                        "use --teacher-cache for the teacher, or drop the flag")
+    kind = resolve_dataset_type(data.dataset_type, data.train_data or "") if data.train_data else data.dataset_type
+    if kind not in ("coco", "csv"):
+        raise UserError(f"{flag} needs coco or csv training data (samples keyed by stable ids), not {kind}")
+    apply_trainable(skeleton, list(plan.rules_at(0)))
+    if not frozen_parts(skeleton) and not any(u.epoch == 0 for u in plan.unlocks):
+        raise UserError(f"{flag}: neither the image trunk nor the text tower is locked; lock one (--lock-image, "
+                        "--lock-text) or drop the flag")
+    if not (Path(t.frozen_feature_cache) / "manifest.json").is_file():
+        return  # computed on first use
+    try:
+        cache = FeatureCache(t.frozen_feature_cache)
+        expected = {"model": cfg.model.name, "precision": cfg.model.precision,
+                    "data.annotations_sha256": file_sha256(data.train_data)}
+        if "image" in cache.manifest.get("parts", {}):
+            expected["data.image_root"] = image_root_of(train_captioned(data).images)
+        cache.check(expected)
+    except ValueError as e:
+        raise UserError(f"{flag}: {e}") from None
 
 
 @contextmanager

@@ -12,6 +12,7 @@ step and `fit` returns True (stopped). The same agreement follows each epoch's s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -38,6 +39,7 @@ from .video import attach_video
 from .video import training as video_training
 from .zeroshot import ZeroShotEvaluator
 from .frozen_compile import FrozenTrunkCompiler
+from . import frozen_features
 from .freeze import apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
 from .numerics import NonFiniteGuard, agree_on_step, is_failure, skip_step
@@ -75,6 +77,7 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite_steps)
         self.bad_budget = BadSampleBudget(cfg.data.max_bad_samples_fraction)
         self.where = ""  # "epoch E, batch b/n", for messages
+        self.features: Optional[frozen_features.FrozenFeatures] = None  # --frozen-feature-cache
         # glibc keeps freed memory once the steps settle into their steady form (allocator.py)
         self._retain_pending = cfg.malloc_retain and device.type == "cpu"
 
@@ -123,6 +126,10 @@ class Trainer:
         notice = augmentation_notice(not cfg.train.no_augment) if self.objective.needs_ids else None
         if notice:
             logging.warning(notice)
+        if cfg.train.frozen_feature_cache:
+            why = frozen_features.blockers(cfg, self.objective)
+            if why:
+                raise UserError(f"--frozen-feature-cache: the frozen outputs would differ from the live ones: {why[0]}")
         if cfg.model.overrides.any:  # --aug-cfg on the training transform, as create_model_and_transforms
             preprocess_train, preprocess_val = transforms(self.model, cfg.model.overrides,
                                                           augment=not cfg.train.no_augment)
@@ -132,7 +139,8 @@ class Trainer:
         self.preprocess = (preprocess_train, preprocess_val)
         with user_errors("data"):
             self.data = get_data(cfg.data, preprocess_train, preprocess_val, self.objective.tokenizer, world.rank,
-                                 world.world_size, with_ids=self.objective.needs_ids, video=cfg.video)
+                                 world.world_size, with_ids=self.objective.needs_ids or bool(cfg.train.frozen_feature_cache),
+                                 video=cfg.video)
         self.train_data: Optional[DataInfo] = self.data.get("train")
         self.val_data: Optional[RetrievalData] = self.data.get("val")
         with user_errors("zero-shot"):
@@ -349,6 +357,8 @@ class Trainer:
             if evaluates and not cfg.eval.val_at_start:
                 self.evaluate(self.start_epoch)
             return False
+        if self.start_epoch < cfg.train.epochs:
+            self._frozen_features()
         if self.start_epoch >= cfg.train.epochs:
             logging.info(f"nothing to train: the checkpoint has completed {self.start_epoch}/{cfg.train.epochs} epochs")
         for epoch in range(self.start_epoch, cfg.train.epochs):
@@ -368,6 +378,27 @@ class Trainer:
                 return True
         return False
 
+    def _frozen_features(self) -> None:
+        """--frozen-feature-cache: compute or reuse the frozen parts' outputs and train on them; without
+        it, one line saying when it would apply."""
+        cfg = self.cfg
+        due = {u.tower for u in self.plan.unlocks if u.epoch <= self.start_epoch and u.origin not in self.applied_unlocks}
+        parts = {t: p for t, p in frozen_features.frozen_parts(self.model).items() if t not in due}
+        if not cfg.train.frozen_feature_cache:
+            if parts and not frozen_features.blockers(cfg, self.objective):
+                logging.info(frozen_features.notice(parts))
+            return
+        if not parts:
+            raise UserError("--frozen-feature-cache: neither the image trunk nor the text tower is locked for this "
+                            "phase; lock one (--lock-image, --lock-text) or drop the flag")
+        dataset = self.train_data.dataloader.dataset
+        self.features = frozen_features.FrozenFeatures(cfg.train.frozen_feature_cache, parts)
+        self.features.prepare(cfg, self.model, dataset, self.world, self.device)
+        self.features.activate(self.model, dataset)
+        if "image" in parts:
+            self.compiler = FrozenTrunkCompiler("off", self.device)  # the cache replaces the trunk's forward
+            self._wrap()
+
     def enter_epoch(self, epoch: int) -> None:
         """Apply the plan's unlocks for this epoch (idempotent across resumes)."""
         due = [u for u in self.plan.unlocks if u.epoch <= epoch and u.origin not in self.applied_unlocks]
@@ -380,6 +411,11 @@ class Trainer:
                                                ramp_start=self.step, ramp_steps=self.cfg.freeze.unfreeze_warmup_steps))
         self.applied_unlocks |= {u.origin for u in due}
         self.objective.on_unlock({u.tower for u in due})
+        if self.features is not None and self.features.on_unlock({u.tower for u in due}, self.model,
+                                                                self.train_data.dataloader.dataset):
+            self.train_data.dataloader = frozen_features.rebuild_loader(self.train_data.dataloader)
+            self.compiler = FrozenTrunkCompiler(self.cfg.model.compile_frozen, self.device,
+                                                allowed=getattr(self.objective, "capture", None) is None)
         check_coverage(self.model, self.optimizer)
         self._recompile_after_unlock()
         self._wrap()
@@ -489,6 +525,8 @@ class Trainer:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         dtype = input_dtype(cfg.model.precision)
+        if self.features is not None and self.features.active:
+            batches = self.features.substitute(batches, dtype)
         # (images, tokens[, ids]): sample ids stay on the CPU, where a teacher cache is read
         moved = [(b[0].to(self.device, dtype=dtype, non_blocking=True), b[1].to(self.device, non_blocking=True),
                   b[2] if len(b) > 2 else None) for b in batches]
@@ -596,7 +634,7 @@ class Trainer:
             row["num_samples"] = metrics["msrvtt_num_captions"]
         elif retrieval and self.val_data is not None:
             bad = BadTally()
-            with user_errors("--val-data"):
+            with user_errors("--val-data"), self._live():
                 metrics = evaluate_retrieval(self.model, self.val_data, self.world, self.device, cfg.model.precision,
                                              cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
             self.bad_budget.check_eval(epoch, self.val_data.dropped, bad,
@@ -605,7 +643,7 @@ class Trainer:
                         "num_bad_images": metrics.pop("num_bad_images")})
         if zeroshot and self.zeroshot.sets:
             # epochs=epoch: due by upstream's last-epoch rule, so the caller decides when
-            with user_errors("zero-shot"):
+            with user_errors("zero-shot"), self._live():
                 metrics.update(self.zeroshot(self.model, epoch, epoch, self.device, cfg.model.precision, self.world))
         row.update(metrics)
         shown = " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
@@ -624,6 +662,9 @@ class Trainer:
                                               cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
         self.bad_budget.check_eval(epoch, self.val_data.dropped, bad, video_training.evaluated_entries(metrics))
         return metrics
+
+    def _live(self):
+        return self.features.live(self.model) if self.features is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         if self.reporters is not None:

@@ -73,6 +73,7 @@ class PairDataset(Dataset):
         if pair_ids is not None and pair_ids.shape != (len(self.captions), 2):
             raise ValueError(f"pair_ids has shape {tuple(pair_ids.shape)}, expected ({len(self.captions)}, 2)")
         self.pair_ids = pair_ids
+        self.decode: Callable[[ImageSource], Image.Image] = load_rgb  # swapped by a frozen-feature cache
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -81,7 +82,7 @@ class PairDataset(Dataset):
         source = self.images[int(self.pair_image[j])]
         if not self.captions[j]:
             raise BadImage(EMPTY_CAPTION)
-        return load_rgb(source), self.captions[j]
+        return self.decode(source), self.captions[j]
 
     def __getitem__(self, i: int) -> tuple:
         """(image, tokens[, ids], bad): item i, or for a bad one a substitute drawn from (seed,

@@ -49,6 +49,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def image_root_of(images: Sequence[Any]) -> Optional[str]:
+    """The directory the training images come from (the deepest one holding them all), recorded in
+    cache manifests so that a cache of other images under the same ids is refused."""
+    dirs = [os.path.dirname(os.path.abspath(p)) for p in images if isinstance(p, (str, Path))]
+    return os.path.commonpath(dirs) if dirs else None
+
+
 def preprocess_fields(preprocess_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """The preprocessing that decides what the teacher saw, JSON-normalised (tuples -> lists)."""
     size = preprocess_cfg.get("size")

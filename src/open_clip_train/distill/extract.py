@@ -29,7 +29,7 @@ from ..errors import UserError, register_flags
 from ..params import flag_spellings
 from ..precision import PRECISIONS
 from .teacher import Teacher
-from .cache import DTYPES, MANIFEST, ShardWriter, manifest_meta, write_manifest
+from .cache import DTYPES, MANIFEST, ShardWriter, image_root_of, manifest_meta, write_manifest
 
 
 
@@ -169,15 +169,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..data import load_captioned, resolve_dataset_type
 
         kind = resolve_dataset_type(args.dataset_type, args.train_data)
-        samples = samples_of(load_captioned(kind, args.train_data, args.train_image_root,
-                                            csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
-                                            csv_separator=args.csv_separator))
+        captioned = load_captioned(kind, args.train_data, args.train_image_root, csv_img_key=args.csv_img_key,
+                                   csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator)
+        samples = samples_of(captioned)
         run_shard(teacher, samples, out, world.rank, world.world_size,
                   batch_size=args.batch_size, workers=args.workers, dtype=args.dtype)
         dist_env.barrier()
         if world.is_master:
-            from ..data.coco import default_image_root
-            image_root = args.train_image_root or (default_image_root(args.train_data) if kind == "coco" else None)
+            image_root = image_root_of(captioned.images)
             meta = manifest_meta(
                 teacher_model=args.teacher_model, weights_path=args.teacher_pretrained,
                 logit_scale=float(teacher.logit_scale()), precision=args.precision,
