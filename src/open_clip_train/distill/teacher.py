@@ -170,7 +170,6 @@ class TeacherRunner:
     def __init__(self, teacher: Teacher, plan: Optional[SharingPlan] = None):
         self.teacher = teacher
         self.plan = plan
-        self.shared_forwards = {p: 0 for p in PARTS}
 
     def __call__(
             self,
@@ -184,8 +183,6 @@ class TeacherRunner:
         plan = self.plan
         use_trunk = plan is not None and trunk_features is not None and plan.active("image_trunk")
         use_text = plan is not None and student_out is not None and plan.active("text")
-        self.shared_forwards["image_trunk"] += use_trunk
-        self.shared_forwards["text"] += use_text
         return self.teacher.encode(
             images=None if use_trunk else images,
             texts=None if use_text else texts,
