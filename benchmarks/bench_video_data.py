@@ -7,7 +7,8 @@ Two data sets: the demo clips (`demo_video_data`: 2-4 s, 15 fps, 64x64, MPEG-4 P
 MSR-VTT-sized H.264 clips (15 s, 30 fps, 320x240, moving noise texture), each read once from mp4 (PyAV, sampled frames
 only) and once from a store written by `extract_frames`. A read is what a training item costs:
 frames -> the tower's eval transform (tiny-convnext-cliptext: 64 px) -> padded [12, 3, 64, 64] +
-mask. One process, no workers; runs alternate, medians reported. Writes benchmarks/results-video.md.
+mask. One process, no workers; runs alternate, medians reported. Writes benchmarks/results-video.md
+(its first section; the sections after it, from bench_video_train.py, are kept).
 """
 from __future__ import annotations
 
@@ -114,7 +115,9 @@ def main() -> None:
                      f"| {r['extract_s']:.1f} | {r['mp4_mib']:.1f} | {r['store_mib']:.1f} | "
                      f"{', '.join(f'{x:.0f}' for x in r['runs']['mp4'])} / {', '.join(f'{x:.0f}' for x in r['runs']['store'])} |")
     out = REPO / "benchmarks" / "results-video.md"
-    out.write_text("\n".join(lines) + "\n")
+    old = out.read_text() if out.exists() else ""
+    kept = old[old.index("\n## ") + 1:] if "\n## " in old else ""  # bench_video_train.py's sections
+    out.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(lines))
 
 
