@@ -16,6 +16,7 @@ from .model_overrides import ModelOverrides, validate as validate_overrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
 from .params import build_parser
+from .remote_sync import RemoteSyncCfg
 from .schedule import KINDS as SCHEDULE_KINDS
 from .zeroshot import ZeroShotCfg
 
@@ -26,10 +27,8 @@ UNSUPPORTED = {
     "torchscript": "TorchScript",
     "trace": "tracing",
     "use_bnb_linear": "bitsandbytes linear layers",
-    "remote_sync": "remote sync of checkpoints",
     "horovod": "Horovod (use torchrun)",
     "use_bn_sync": "SyncBatchNorm",
-    "log_local": "per-rank log files",
     "dist_url": "--dist-url (torchrun's environment is used)",
 }
 
@@ -137,6 +136,9 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             resume=a.resume,
             debug=a.debug,
             copy_codebase=a.copy_codebase,
+            remote_sync=RemoteSyncCfg(remote=a.remote_sync, frequency=a.remote_sync_frequency,
+                                      protocol=a.remote_sync_protocol),
+            log_local=a.log_local,
         ),
         objective=_objective(a),
         zeroshot=ZeroShotCfg(imagenet_val=a.imagenet_val, imagenet_v2=a.imagenet_v2, data=a.zeroshot_data,

@@ -11,6 +11,7 @@ from .losses import LossCfg
 from .model_overrides import ModelOverrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
+from .remote_sync import RemoteSyncCfg
 from .zeroshot import ZeroShotCfg
 from .video.training import VideoCfg
 
@@ -70,6 +71,8 @@ class OutputCfg:
     resume: Optional[str] = None
     debug: bool = False
     copy_codebase: bool = False  # provenance_code.record_code into the run directory
+    remote_sync: RemoteSyncCfg = RemoteSyncCfg()  # --remote-sync*: copy the run directory away while training
+    log_local: bool = False  # --log-local: each node's local rank 0 also writes out-<rank>, as upstream
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ def check_config(cfg: RunCfg) -> None:
     _check_zeroshot(cfg)
     if cfg.output.copy_codebase and cfg.output.logs.lower() == "none":
         raise UserError("--copy-codebase records the source in the run directory; --log-dir none has none")
+    _check_remote_sync(cfg)
     if cfg.video is not None:
         from .video.training import check as check_video
 
@@ -113,6 +114,18 @@ def _check_overrides(cfg: RunCfg) -> None:
             check_for_model(cfg.model.overrides, model_cfg)
         except ValueError as e:
             raise UserError(str(e)) from None
+
+
+def _check_remote_sync(cfg: RunCfg) -> None:
+    from .remote_sync import RemoteSyncError, check
+
+    rs = cfg.output.remote_sync
+    if rs.enabled and cfg.output.logs.lower() == "none":
+        raise UserError("--remote-sync copies the run directory; --log-dir none has none")
+    try:
+        check(rs)
+    except RemoteSyncError as e:
+        raise UserError(str(e)) from None
 
 
 def _check_zeroshot(cfg: RunCfg) -> None:
