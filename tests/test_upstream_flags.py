@@ -1,5 +1,7 @@
 """Upstream flags wired into the trainer: --remote-sync (a file:// target through main), --log-local."""
 import logging
+
+import torch
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,125 @@ def test_log_local_writes_one_file_per_node_master(tmp_path):
     assert _open(tmp_path / "b", True, rank=3, local_rank=1) == []  # not a node master: stderr only
     assert _open(tmp_path / "c", False, rank=2, local_rank=0) == []  # without the flag: rank 0 only
     assert _open(tmp_path / "d", True, rank=0, local_rank=0) == ["out.log"]
+
+
+def test_one_all_reduce_per_training_step(tmp_path, monkeypatch):
+    """The step's decisions (non-finite flags, bad samples, stop signals) share one all-reduce."""
+    from open_clip_train import distributed, faults
+
+    calls = []
+    for name in ("all_reduce_sum", "all_reduce_mean", "all_reduce_max_int"):
+        real = getattr(distributed, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(distributed, name, counted)
+    at_step = faults.at_step
+    monkeypatch.setattr(faults, "at_step", lambda step: (calls.append("|"), at_step(step)))
+    args = [a if a != "2" else "8" for a in BASE[:6]] + ["--batch-size", "2"] + BASE[8:]  # 8 samples: 4 steps
+    assert main(args + ["--log-dir", "none", "--log-every-n-steps", "1000"]) == 0
+    steps = " ".join(calls).split("|")[:-1]
+    # steps 1-3: the agreement only; step 4 also averages the logged losses (its log line)
+    assert [s.split() for s in steps] == [["all_reduce_sum"]] * 3 + [["all_reduce_sum", "all_reduce_mean"]]
+
+
+def test_caption_loss_equals_open_clips_coca_loss():
+    from open_clip.loss import CoCaLoss
+
+    from open_clip_train.losses import ContrastiveLoss, LossCfg
+    from open_clip_train.objective import CaptionLoss
+
+    g = torch.Generator().manual_seed(0)
+    out = {"image_features": torch.randn(3, 8, generator=g, dtype=torch.float64),
+           "text_features": torch.randn(3, 8, generator=g, dtype=torch.float64),
+           "logit_scale": torch.tensor(5.0, dtype=torch.float64),
+           "logits": torch.randn(3, 6, 11, generator=g, dtype=torch.float64),
+           "labels": torch.tensor([[4, 5, 6, 0, 0, 0], [1, 2, 3, 7, 0, 0], [9, 9, 9, 9, 9, 2]])}
+    ours = CaptionLoss(ContrastiveLoss(LossCfg()), caption_weight=1.5, contrastive_weight=0.5, pad_id=0)(out)
+    ref = CoCaLoss(caption_loss_weight=1.5, clip_loss_weight=0.5, pad_id=0)(**out, output_dict=True)
+    assert ours.keys() == ref.keys() == {"contrastive_loss", "caption_loss"}
+    for k in ours:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_coca_decoder_is_a_part_of_its_own_trainable_under_lock_text():
+    from open_clip_train.freeze import FreezeCfg, TowerSchedule, build_plan, tower_layout
+    from open_clip_train.models import create_model
+
+    model, _ = create_model("coca_ViT-B-32", device="meta")
+    layout = tower_layout(model)["decoder"]
+    assert len(layout.groups) == 13  # 12 layers (self- and cross-attention), then the output
+    assert layout.groups[0][0].startswith("text_decoder.resblocks.0.")
+    assert any(n.startswith("text_decoder.cross_attn.0.") for n in layout.groups[0])
+    assert sorted(layout.groups[-1]) == ["text_decoder.ln_final.bias", "text_decoder.ln_final.weight",
+                                         "text_decoder.text_projection"]
+    plan = build_plan(model, FreezeCfg(text=TowerSchedule(lock=True)), epochs=1)
+    trainable = set(plan.base)
+    decoder = {n for n, _ in model.named_parameters() if n.startswith("text_decoder.")}
+    assert decoder <= trainable
+    assert not any(n.startswith("text.") for n in trainable)
+    plan = build_plan(model, FreezeCfg(lock_patterns=(r"text_decoder\.resblocks\.0\.",)), epochs=1)
+    assert not any(n.startswith("text_decoder.resblocks.0.") for n in plan.base)
+
+
+TINY_BN = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "resnet10t", "timm_model_pretrained": False,
+                                           "timm_pool": "avg", "timm_proj": "linear", "image_size": 32},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def _bn_trainer(tmp_path, monkeypatch, extra):
+    """A model with BatchNorm in a trainer told it runs 2 ranks, its DDP wrapper replaced by a recorder of
+    the BatchNorm kinds it is handed (DDP accepts SyncBatchNorm on CUDA modules only)."""
+    import json
+
+    from open_clip import factory
+
+    from open_clip_train import trainer as trainer_module
+    from open_clip_train.cli_config import config_from_args
+    from open_clip_train.distributed import World
+    from open_clip_train.params import parse_args
+    from open_clip_train.trainer import Trainer
+
+    path = tmp_path / "tiny-resnet-bn.json"
+    path.write_text(json.dumps(TINY_BN))
+    monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS) + [path])
+    factory._rescan_model_configs()
+    wrapped = []
+    monkeypatch.setattr(trainer_module, "DistributedDataParallel",
+                        lambda module, **kw: wrapped.append((module, _bn_kinds(module))) or module)
+    args = ["--model", "tiny-resnet-bn", "--dataset-type", "synthetic", "--train-num-samples", "4", "--batch-size",
+            "2", "--precision", "fp32", "--workers", "0", "--epochs", "2", "--warmup", "1", "--log-dir", "none",
+            "--lock-image", "--unfreeze-image-at-epoch", "1"] + extra
+    trainer = Trainer.build(config_from_args(parse_args(args)), World(world_size=2), torch.device("cpu"), None)
+    return trainer, wrapped
+
+
+def _bn_kinds(module):
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return {type(m).__name__ for m in module.modules() if isinstance(m, _BatchNorm)}
+
+
+def test_use_bn_sync_hands_syncbatchnorm_to_ddp_before_and_after_an_unlock(tmp_path, monkeypatch):
+    trainer, wrapped = _bn_trainer(tmp_path, monkeypatch, ["--use-bn-sync"])
+    assert [(m is trainer.model, kinds) for m, kinds in wrapped] == [(True, {"SyncBatchNorm"})]
+    trainer.enter_epoch(1)  # the unlock rebuilds the wrapper over the same, synchronised layers
+    assert [(m is trainer.model, kinds) for m, kinds in wrapped] == [(True, {"SyncBatchNorm"})] * 2
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in trainer.model.parameters()} == in_optimizer  # the unlocked BN weights train too
+
+
+def test_without_use_bn_sync_batchnorm_stays(tmp_path, monkeypatch):
+    trainer, wrapped = _bn_trainer(tmp_path, monkeypatch, [])
+    assert [kinds for _, kinds in wrapped] == [{"BatchNorm2d"}]
+
+
+def test_use_bn_sync_on_cpu_ranks_is_one_line(tmp_path, monkeypatch, capfd):
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(BASE + ["--use-bn-sync", "--device", "cpu", "--log-dir", str(tmp_path)]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "error: --use-bn-sync: DDP runs SyncBatchNorm on CUDA devices only; drop the flag on CPU"]

@@ -28,7 +28,6 @@ UNSUPPORTED = {
     "trace": "tracing",
     "use_bnb_linear": "bitsandbytes linear layers",
     "horovod": "Horovod (use torchrun)",
-    "use_bn_sync": "SyncBatchNorm",
     "dist_url": "--dist-url (torchrun's environment is used)",
 }
 
@@ -144,7 +143,8 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
         zeroshot=ZeroShotCfg(imagenet_val=a.imagenet_val, imagenet_v2=a.imagenet_v2, data=a.zeroshot_data,
                              classnames=a.zeroshot_classnames, templates=a.zeroshot_templates, name=a.zeroshot_name,
                              frequency=a.zeroshot_frequency, batch_size=a.batch_size, workers=a.workers),
-        dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
+        dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph,
+                     use_bn_sync=a.use_bn_sync),
         dry_run=a.dry_run,
         trust_checkpoint=a.trust_checkpoint,
         malloc_retain=a.malloc_retain,
@@ -223,4 +223,5 @@ def _objective(a: argparse.Namespace) -> ObjectiveCfg:
             raise UserError(f"--headalign: {e}") from None
     return ObjectiveCfg(loss=loss, distill=distill, headalign=headalign,
                         pretrained=a.pretrained or None, precision=a.precision,
-                        trust_checkpoint=a.trust_checkpoint)
+                        trust_checkpoint=a.trust_checkpoint, coca_caption_weight=a.coca_caption_loss_weight,
+                        coca_contrastive_weight=a.coca_contrastive_loss_weight)

@@ -80,6 +80,7 @@ class DistCfg:
     backend: Optional[str] = None
     device: str = "auto"
     ddp_static_graph: bool = False
+    use_bn_sync: bool = False  # --use-bn-sync: BatchNorm -> SyncBatchNorm under DDP, as upstream
 
 
 @dataclass(frozen=True)

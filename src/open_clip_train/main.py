@@ -79,6 +79,8 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
     fault = faults.from_env()  # test hook; None unless OPEN_CLIP_TRAIN_FAULT is set
     check_config(cfg)  # before any process group, run directory or data
     device = dist_env.pick_device(world, cfg.dist.device if cfg.dist.device == "cpu" else "auto")
+    if cfg.dist.use_bn_sync and world.distributed and device.type != "cuda":
+        raise UserError("--use-bn-sync: DDP runs SyncBatchNorm on CUDA devices only; drop the flag on CPU")
     stop = StopRequest()
     faults.install(fault, world.rank)
     backend = dist_env.init(world, device, cfg.dist.backend)
