@@ -222,3 +222,52 @@ def test_use_bn_sync_on_cpu_ranks_is_one_line(tmp_path, monkeypatch, capfd):
     assert main(BASE + ["--use-bn-sync", "--device", "cpu", "--log-dir", str(tmp_path)]) == 2
     assert capfd.readouterr().err.strip().splitlines() == [
         "error: --use-bn-sync: DDP runs SyncBatchNorm on CUDA devices only; drop the flag on CPU"]
+
+
+def _shard(path: Path, caption: str, n: int) -> str:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_upsampling_factors_draw_sources_in_proportion(tmp_path):
+    from open_clip_train.data.wds import build_train
+
+    a = _shard(tmp_path / "a.tar", "alpha", 1)
+    b = _shard(tmp_path / "b.tar", "beta", 1)
+    tok = lambda texts: torch.tensor([[1 if t == "alpha" else 2] for t in texts])  # noqa: E731
+    tf = lambda img: torch.zeros(1)  # noqa: E731
+
+    def counts(factors):
+        train = build_train(f"{a}::{b}", tf, tok, batch_size=1, workers=0, seed=0, rank=0, world_size=1,
+                            num_samples=2000, resampled=True, pin_memory=False, upsampling_factors=factors)
+        drawn = [int(tokens[0, 0]) for _, tokens in train.loader]  # a Batch is the tuple (images, tokens)
+        return drawn.count(1), drawn.count(2)
+
+    alpha, beta = counts("1::3")
+    assert alpha + beta == 2000
+    assert abs(beta / 2000 - 0.75) < 0.04, (alpha, beta)  # binomial sd ~0.01
+    alpha, beta = counts("1::0")
+    assert (alpha, beta) == (2000, 0)
+
+
+def test_upsampling_factors_need_resampling_and_one_per_source(tmp_path, capfd):
+    spec = f"{tmp_path}/a.tar::{tmp_path}/b.tar"
+    args = BASE[2:] + ["--dataset-type", "webdataset", "--train-data", spec, "--log-dir", str(tmp_path)]
+    assert main(args + ["--train-data-upsampling-factors", "1::2"]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "error: --train-data-upsampling-factors weights draws with replacement: add --dataset-resampled (as upstream)"]
+    assert main(args + ["--dataset-resampled", "--train-data-upsampling-factors", "1::2::3"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 upsampling factors (1::2::3) for 2 '::' data sources" in err[0]

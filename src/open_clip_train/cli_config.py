@@ -23,7 +23,6 @@ from .zeroshot import ZeroShotCfg
 # Upstream flags this trainer accepts (so old command lines parse) but does not implement.
 # Setting one is refused with a clear message rather than silently ignored.
 UNSUPPORTED = {
-    "train_data_upsampling_factors": "multi-source webdataset upsampling",
     "torchscript": "TorchScript",
     "trace": "tracing",
     "use_bnb_linear": "bitsandbytes linear layers",
@@ -98,6 +97,7 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             csv_img_key=a.csv_img_key,
             csv_caption_key=a.csv_caption_key,
             dataset_resampled=a.dataset_resampled,
+            upsampling_factors=_upsampling(a),
             max_bad_samples_fraction=a.max_bad_samples_fraction,
         ),
         train=TrainCfg(
@@ -151,6 +151,24 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
         video=_video(a),
         settings=dict(vars(a)),
     )
+
+
+def _upsampling(a: argparse.Namespace):
+    """--train-data-upsampling-factors: checked here against --train-data's '::' sources, as upstream."""
+    f = a.train_data_upsampling_factors
+    if f is None:
+        return None
+    if not a.dataset_resampled:
+        raise UserError("--train-data-upsampling-factors weights draws with replacement: add --dataset-resampled "
+                        "(as upstream)")
+    if a.train_data:
+        from .data.wds import shard_weights
+
+        try:
+            shard_weights(a.train_data, f)
+        except ValueError as e:
+            raise UserError(f"--train-data-upsampling-factors: {e}") from None
+    return f
 
 
 def _overrides(a: argparse.Namespace) -> ModelOverrides:
