@@ -25,8 +25,8 @@ from .zeroshot import ZeroShotCfg
 UNSUPPORTED = {
     "torchscript": "TorchScript",
     "trace": "tracing",
-    "use_bnb_linear": "bitsandbytes linear layers",
-    "horovod": "Horovod (use torchrun)",
+    "use_bnb_linear": "bitsandbytes int8 linear layers (CUDA-only; not among the pinned dependencies)",
+    "horovod": "Horovod (it runs under torchrun / SLURM with DDP)",
     "dist_url": "--dist-url (torchrun's environment is used)",
 }
 
