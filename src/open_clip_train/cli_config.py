@@ -26,7 +26,7 @@ UNSUPPORTED = {
     "torchscript": "TorchScript",
     "trace": "tracing",
     "use_bnb_linear": "bitsandbytes int8 linear layers (CUDA-only; not among the pinned dependencies)",
-    "horovod": "Horovod (it runs under torchrun / SLURM with DDP)",
+    "horovod": "Horovod (this trainer runs under torchrun / SLURM with DDP)",
     "dist_url": "--dist-url (torchrun's environment is used)",
 }
 
