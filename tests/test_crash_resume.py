@@ -249,8 +249,8 @@ def test_signal_during_evaluation_stops_after_the_epoch_checkpoint(demo, logs, m
     untouched, no extra checkpoint is written, and the run stops before epoch 2 trains."""
     evaluate = trainer_module.Trainer.evaluate
 
-    def evaluate_then_signal(self, epoch):
-        row = evaluate(self, epoch)
+    def evaluate_then_signal(self, epoch, **kw):
+        row = evaluate(self, epoch, **kw)
         if epoch == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return row

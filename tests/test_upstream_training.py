@@ -95,8 +95,6 @@ def test_training_unfreezing_vit_with_accum(tmp_path):
     _losses(run)
 
 
-@pytest.mark.xfail(strict=True, reason="CoCa is refused in one line (test_coca_is_refused_in_one_line): its text "
-                                       "decoder has no freeze layout and the caption loss is no objective term yet")
 def test_training_coca(tmp_path):
     """CoCa trains with the contrastive and caption losses (--coca-*-loss-weight); its text
     decoder is trainable."""
@@ -110,13 +108,15 @@ def test_training_coca(tmp_path):
     assert captions and all(np.isfinite(float(c)) for c in captions)
 
 
-def test_coca_is_refused_in_one_line(tmp_path, capfd):
-    """No traceback for a tower the freezing schedule cannot place: one line, exit 2, no run dir."""
-    code, run = _run(tmp_path, "coca", ["--model", "coca_ViT-B-32"])
+@pytest.mark.parametrize("extra, what", [(["--accum-freq", "2"], "with --accum-freq is not supported"),
+                                         (["--headalign"],
+                                          "with --distill / --teacher-cache / --headalign is not supported")])
+def test_coca_refusals_are_one_line(tmp_path, capfd, extra, what):
+    """What CoCa does not train with here: one line, exit 2, no run directory."""
+    code, run = _run(tmp_path, "coca", ["--model", "coca_ViT-B-32"] + extra)
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: --model coca_ViT-B-32: ") and "text_decoder" in err[0]
-    assert "CoCa's caption decoder is not supported yet" in err[0]
+    assert err[0].startswith("error: --model coca_ViT-B-32 (CoCa) ") and what in err[0]
     assert not run.exists()
 
 

@@ -16,20 +16,17 @@ from .model_overrides import ModelOverrides, validate as validate_overrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
 from .params import build_parser
+from .remote_sync import RemoteSyncCfg
 from .schedule import KINDS as SCHEDULE_KINDS
 from .zeroshot import ZeroShotCfg
 
 # Upstream flags this trainer accepts (so old command lines parse) but does not implement.
 # Setting one is refused with a clear message rather than silently ignored.
 UNSUPPORTED = {
-    "train_data_upsampling_factors": "multi-source webdataset upsampling",
     "torchscript": "TorchScript",
     "trace": "tracing",
-    "use_bnb_linear": "bitsandbytes linear layers",
-    "remote_sync": "remote sync of checkpoints",
-    "horovod": "Horovod (use torchrun)",
-    "use_bn_sync": "SyncBatchNorm",
-    "log_local": "per-rank log files",
+    "use_bnb_linear": "bitsandbytes int8 linear layers (CUDA-only; not among the pinned dependencies)",
+    "horovod": "Horovod (this trainer runs under torchrun / SLURM with DDP)",
     "dist_url": "--dist-url (torchrun's environment is used)",
 }
 
@@ -100,6 +97,7 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             csv_img_key=a.csv_img_key,
             csv_caption_key=a.csv_caption_key,
             dataset_resampled=a.dataset_resampled,
+            upsampling_factors=_upsampling(a),
             max_bad_samples_fraction=a.max_bad_samples_fraction,
         ),
         train=TrainCfg(
@@ -138,18 +136,40 @@ def config_from_args(a: argparse.Namespace) -> RunCfg:
             resume=a.resume,
             debug=a.debug,
             copy_codebase=a.copy_codebase,
+            remote_sync=RemoteSyncCfg(remote=a.remote_sync, frequency=a.remote_sync_frequency,
+                                      protocol=a.remote_sync_protocol),
+            log_local=a.log_local,
         ),
         objective=_objective(a),
         zeroshot=ZeroShotCfg(imagenet_val=a.imagenet_val, imagenet_v2=a.imagenet_v2, data=a.zeroshot_data,
                              classnames=a.zeroshot_classnames, templates=a.zeroshot_templates, name=a.zeroshot_name,
                              frequency=a.zeroshot_frequency, batch_size=a.batch_size, workers=a.workers),
-        dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph),
+        dist=DistCfg(backend=a.dist_backend, device=a.device, ddp_static_graph=a.ddp_static_graph,
+                     use_bn_sync=a.use_bn_sync),
         dry_run=a.dry_run,
         trust_checkpoint=a.trust_checkpoint,
         malloc_retain=a.malloc_retain,
         video=_video(a),
         settings=dict(vars(a)),
     )
+
+
+def _upsampling(a: argparse.Namespace):
+    """--train-data-upsampling-factors: checked here against --train-data's '::' sources, as upstream."""
+    f = a.train_data_upsampling_factors
+    if f is None:
+        return None
+    if not a.dataset_resampled:
+        raise UserError("--train-data-upsampling-factors weights draws with replacement: add --dataset-resampled "
+                        "(as upstream)")
+    if a.train_data:
+        from .data.wds import shard_weights
+
+        try:
+            shard_weights(a.train_data, f)
+        except ValueError as e:
+            raise UserError(f"--train-data-upsampling-factors: {e}") from None
+    return f
 
 
 def _overrides(a: argparse.Namespace) -> ModelOverrides:
@@ -222,4 +242,5 @@ def _objective(a: argparse.Namespace) -> ObjectiveCfg:
             raise UserError(f"--headalign: {e}") from None
     return ObjectiveCfg(loss=loss, distill=distill, headalign=headalign,
                         pretrained=a.pretrained or None, precision=a.precision,
-                        trust_checkpoint=a.trust_checkpoint)
+                        trust_checkpoint=a.trust_checkpoint, coca_caption_weight=a.coca_caption_loss_weight,
+                        coca_contrastive_weight=a.coca_contrastive_loss_weight)

@@ -11,6 +11,7 @@ from .losses import LossCfg
 from .model_overrides import ModelOverrides
 from .objective import ObjectiveCfg
 from .optim import OptimCfg
+from .remote_sync import RemoteSyncCfg
 from .zeroshot import ZeroShotCfg
 from .video.training import VideoCfg
 
@@ -71,6 +72,8 @@ class OutputCfg:
     resume: Optional[str] = None
     debug: bool = False
     copy_codebase: bool = False  # provenance_code.record_code into the run directory
+    remote_sync: RemoteSyncCfg = RemoteSyncCfg()  # --remote-sync*: copy the run directory away while training
+    log_local: bool = False  # --log-local: each node's local rank 0 also writes out-<rank>, as upstream
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class DistCfg:
     backend: Optional[str] = None
     device: str = "auto"
     ddp_static_graph: bool = False
+    use_bn_sync: bool = False  # --use-bn-sync: BatchNorm -> SyncBatchNorm under DDP, as upstream
 
 
 @dataclass(frozen=True)

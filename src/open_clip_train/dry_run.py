@@ -31,7 +31,7 @@ def describe(cfg: RunCfg) -> List[str]:
         label = "INIT" if i == 0 else f"epoch {phase.start}"
         lines.append(f"phase {i}: epochs [{phase.start}, {phase.end})")
         lines.append(f"  trainable params ({label}): {format_counts(counts)}")
-        for tower in ("image", "text"):
+        for tower in ("image", "text", *(["decoder"] if "decoder" in plan.layouts else [])):  # CoCa's decoder
             lines.append("  " + plan.describe_tower(tower, phase.rules))
         lines += ["  " + line for line in describe_modules(model, set(phase.rules))]
         for g in make_groups(model, phase.rules, cfg.optim):

@@ -5,9 +5,10 @@ single `is None` check). Kinds, all at global optimizer step `<step>`:
 
 * `crash_at_step`: raise an exception after the step (a worker crash: traceback, exit 1);
 * `kill_at_step`: SIGKILL this process after the step (and after any checkpoint of it);
-* `sigterm_at_step`, `sigusr1_at_step`: send that signal to this process after the step;
+* `sigterm_at_step`, `sigusr1_at_step`: send that signal to this process during the step,
+  before the ranks agree on it (`in_step`), so the run stops after that step;
 * `sigterm_parent_at_step`: send SIGTERM to the parent process (torchrun's agent, which
-  forwards it to every worker);
+  forwards it to every worker), also during the step;
 * `kill_in_save`: SIGKILL this process while it writes the checkpoint of that step, after
   half of the temporary file is on disk.
 
@@ -77,16 +78,21 @@ def install(fault: Optional[Fault], rank: int) -> None:
 
 
 def at_step(step: int) -> None:
-    """Called by the trainer at every step boundary."""
-    if _active is None or _active.kind == "kill_in_save" or not _active.applies(step, _rank):
+    """Called by the trainer at every step boundary: the crash and kill faults."""
+    if _active is None or _active.kind not in ("crash_at_step", "kill_at_step") or not _active.applies(step, _rank):
         return
     if _active.kind == "crash_at_step":
         raise InjectedCrash(f"injected crash at step {step} ({ENV})")
-    if _active.kind == "kill_at_step":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif _active.kind == "sigterm_parent_at_step":
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_step(step: int) -> None:
+    """Called by the trainer in step `step` before the ranks' agreement on it: the signal faults."""
+    if _active is None or not _active.applies(step, _rank):
+        return
+    if _active.kind == "sigterm_parent_at_step":
         os.kill(os.getppid(), signal.SIGTERM)
-    else:
+    elif _active.kind in _SIGNALS:
         os.kill(os.getpid(), _SIGNALS[_active.kind])
 
 

@@ -79,12 +79,15 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
     fault = faults.from_env()  # test hook; None unless OPEN_CLIP_TRAIN_FAULT is set
     check_config(cfg)  # before any process group, run directory or data
     device = dist_env.pick_device(world, cfg.dist.device if cfg.dist.device == "cpu" else "auto")
+    if cfg.dist.use_bn_sync and world.distributed and device.type != "cuda":
+        raise UserError("--use-bn-sync: DDP runs SyncBatchNorm on CUDA devices only; drop the flag on CPU")
     stop = StopRequest()
     faults.install(fault, world.rank)
     backend = dist_env.init(world, device, cfg.dist.backend)
-    trainer = None
+    trainer = sync = None
     try:
         paths = _open_run(cfg, world, device, argv)
+        sync = _start_remote_sync(cfg, world, paths)
         logging.info(f"world: backend={backend if world.distributed else 'none'}, world_size={world.world_size}, "
                      f"rank={world.rank}, local_rank={world.local_rank}, nodes={world.num_nodes}, "
                      f"device={device}, rendezvous={world.rendezvous}, from {world.source}")
@@ -102,6 +105,8 @@ def _train(cfg: RunCfg, argv: List[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if sync is not None:
+            sync.close()  # last copy, after the trainer wrote its last file; a failure is logged
         dist_env.close()
         teardown_logging()
         faults.install(None, 0)
@@ -112,7 +117,7 @@ def _open_run(cfg: RunCfg, world: World, device: torch.device, argv: List[str]) 
     """Name the run, refuse to overwrite an earlier one (on every rank alike), create its
     directory, start logging and record params.txt and provenance.json."""
     from . import distributed as dist_env
-    from .run_outputs import (default_name, prepare_run_dir, run_dir_problem, run_paths, setup_logging,
+    from .run_outputs import (default_name, log_file, prepare_run_dir, run_dir_problem, run_paths, setup_logging,
                               write_params, write_provenance)
 
     out = cfg.output
@@ -124,8 +129,10 @@ def _open_run(cfg: RunCfg, world: World, device: torch.device, argv: List[str]) 
         raise UserError(problem)
     if world.is_master:
         prepare_run_dir(paths)
-    setup_logging(paths.log if paths is not None and world.is_master else None,
-                  logging.DEBUG if out.debug else logging.INFO, world.rank)
+    log = log_file(paths, world.rank, world.local_rank, out.log_local)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)  # another node's view of a shared or a local disk
+    setup_logging(log, logging.DEBUG if out.debug else logging.INFO, world.rank)
     if world.is_master and paths is not None:
         from .checkpoint import remove_stale_temps
 
@@ -144,6 +151,28 @@ def _open_run(cfg: RunCfg, world: World, device: torch.device, argv: List[str]) 
         for k in sorted(settings):
             logging.debug(f"  {k}: {settings[k]}")
     return paths
+
+
+def _start_remote_sync(cfg: RunCfg, world: World, paths: Optional[RunPaths]):
+    """--remote-sync on rank 0: a first sync that must succeed (every rank stops alike if it does not),
+    then a periodic one; None when off."""
+    from . import distributed as dist_env
+    from .remote_sync import RemoteSync, RemoteSyncError, remote_run_url
+
+    rs = cfg.output.remote_sync
+    if not rs.enabled or paths is None:
+        return None
+    sync, problem = None, None
+    if world.is_master:
+        sync = RemoteSync(paths.root, remote_run_url(rs.remote, paths.root.name), rs.protocol, rs.frequency)
+        try:
+            sync.start()
+        except RemoteSyncError as e:
+            problem = str(e)
+    problem = dist_env.broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
+    return sync
 
 
 def _resume_path(cfg: RunCfg, paths: Optional[RunPaths]) -> Optional[Path]:

@@ -9,6 +9,7 @@ those steps and lowers the scale, so only a non-finite loss counts as a failure 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -16,6 +17,7 @@ import torch
 
 from . import distributed as dist_env
 from .errors import RunFailure, flag
+from .preempt import STOP_SIGNALS
 
 EXIT_CODE = RunFailure.exit_code
 
@@ -67,12 +69,22 @@ class NonFiniteGuard:
         raise NonFiniteStop(message)
 
 
+@dataclass(frozen=True)
+class StepAgreement:
+    """What every rank decides alike after a step's backward."""
+    loss_bad: bool  # a loss term non-finite on some rank
+    grads_bad: bool  # gradients non-finite on some rank
+    bad_samples: int  # the step's bad samples, summed over ranks
+    stop_signum: int  # a stop signal some rank received (0: none); SIGTERM before SIGUSR1
+
+
 def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor], params: List[torch.Tensor],
-                  scaler_active: bool, bad_samples: int, device: torch.device) -> Tuple[bool, bool, int]:
-    """(loss non-finite, gradients non-finite) on any rank, and the step's bad samples summed
-    over ranks, from one all-reduce of [loss flag, gradient flag, bad samples], so every rank
-    takes the same decisions. Gradients are only checked without a scaler (the scaler handles
-    them), through clipping's total norm when clipping is on, else one fused norm over `params`."""
+                  scaler_active: bool, bad_samples: int, device: torch.device,
+                  stop_signum: int = 0) -> StepAgreement:
+    """The step's decisions from ONE all-reduce of [loss flag, gradient flag, bad samples, one count
+    per stop signal], the only host sync of a training step besides reading the loss values.
+    Gradients are only checked without a scaler (the scaler handles them), through clipping's
+    total norm when clipping is on, else one fused norm over `params`."""
     loss_ok = all_finite(list(terms.values()))
     if scaler_active:
         grads_ok = torch.tensor(True)
@@ -80,9 +92,12 @@ def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tens
         grads_ok = grad_norm.isfinite()
     else:
         grads_ok = all_finite([p.grad for p in params])
-    flags = torch.stack([(~loss_ok).float().cpu(), (~grads_ok).float().cpu(), torch.tensor(float(bad_samples))])
+    signals = [float(stop_signum == s) for s in STOP_SIGNALS]
+    flags = torch.cat([torch.stack([(~loss_ok).float().cpu(), (~grads_ok).float().cpu()]),
+                       torch.tensor([float(bad_samples)] + signals)])
     flags = dist_env.all_reduce_sum(flags.to(device)).cpu().tolist()
-    return flags[0] > 0, flags[1] > 0, int(flags[2])
+    stop = next((int(s) for s, n in zip(STOP_SIGNALS, flags[3:]) if n > 0), 0)
+    return StepAgreement(flags[0] > 0, flags[1] > 0, int(flags[2]), stop)
 
 
 def skip_step(optimizer: torch.optim.Optimizer, scaler, unscaled: bool) -> None:

@@ -7,7 +7,9 @@
   or, with `--teacher-cache`, against the teacher's embeddings read by the batch's sample ids
   (teacher_cache.CachedTeacher; no teacher model is built);
 * `--headalign`: adds `{"headalign_loss"}`: the new head aligned to the checkpoint's own frozen
-  head on the same trunk features (no teacher).
+  head on the same trunk features (no teacher);
+* CoCa (a model with `text_decoder`): `{"contrastive_loss" x --coca-contrastive-loss-weight,
+  "caption_loss"}`, as open_clip's CoCaLoss (`CaptionLoss`).
 
 The trainer only calls `terms`, `cache_micro` / `terms_cached` (for --accum-freq, through
 accumulate.forward_backward_accum) and `on_unlock`;
@@ -40,6 +42,24 @@ class ObjectiveCfg:
     pretrained: Optional[str] = None  # the student's checkpoint: the reference head comes from it
     precision: str = "fp32"
     trust_checkpoint: bool = False  # teacher weights may need full unpickling (--trust-checkpoint)
+    coca_caption_weight: float = 2.0  # --coca-caption-loss-weight (CoCa models only)
+    coca_contrastive_weight: float = 1.0  # --coca-contrastive-loss-weight
+
+
+class CaptionLoss(torch.nn.Module):
+    """CoCa's terms, as open_clip's CoCaLoss: the contrastive loss scaled by its weight, and the
+    weighted next-token cross entropy of the decoder's logits against the shifted tokens, pad
+    tokens ignored."""
+
+    def __init__(self, contrastive: torch.nn.Module, caption_weight: float, contrastive_weight: float, pad_id: int):
+        super().__init__()
+        self.contrastive, self.caption_weight, self.contrastive_weight = contrastive, caption_weight, contrastive_weight
+        self.ce = torch.nn.CrossEntropyLoss(ignore_index=pad_id)
+
+    def forward(self, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        terms = {k: self.contrastive_weight * v for k, v in self.contrastive(out).items()}
+        terms["caption_loss"] = self.caption_weight * self.ce(out["logits"].permute(0, 2, 1), out["labels"])
+        return terms
 
 
 class Objective:
@@ -57,6 +77,9 @@ class Objective:
             self._build_teacher(cfg, model, world, device, student_tokenizer)
         else:
             self.loss = ContrastiveLoss(cfg.loss, world.rank, world.world_size)
+            if getattr(model, "text_decoder", None) is not None:  # CoCa (preflight refused distill/accum)
+                self.loss = CaptionLoss(self.loss, cfg.coca_caption_weight, cfg.coca_contrastive_weight,
+                                        getattr(model, "pad_id", 0))
         if cfg.headalign is not None:
             self._build_headalign(cfg, model)
         if self.runner is not None and self.sharing is not None and self.sharing.is_shared("image_trunk"):

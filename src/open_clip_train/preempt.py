@@ -1,7 +1,7 @@
 """Stopping on SIGTERM / SIGUSR1 (SLURM's warning before the time limit, torchrun's shutdown).
 
 The handler only records the signal: the trainer acts on it at the next step boundary (all
-ranks agree there on whether to stop, see `Trainer._stop_agreed`), writes a checkpoint of that
+ranks agree there on whether to stop, in the step's one all-reduce: `numerics.agree_on_step`), writes a checkpoint of that
 exact step and exits with EXIT_STOPPED. Nothing is done inside the handler itself, so a signal
 that lands during a forward pass, an evaluation or a checkpoint write interrupts none of them.
 """

@@ -49,6 +49,8 @@ def check_config(cfg: RunCfg) -> None:
     _check_zeroshot(cfg)
     if cfg.output.copy_codebase and cfg.output.logs.lower() == "none":
         raise UserError("--copy-codebase records the source in the run directory; --log-dir none has none")
+    _check_remote_sync(cfg)
+    _check_coca(cfg)
     if cfg.video is not None:
         from .video.training import check as check_video
 
@@ -115,6 +117,34 @@ def _check_overrides(cfg: RunCfg) -> None:
             check_for_model(cfg.model.overrides, model_cfg)
         except ValueError as e:
             raise UserError(str(e)) from None
+
+
+def _check_coca(cfg: RunCfg) -> None:
+    """What CoCa (a model with a caption decoder: `multimodal_cfg` in its config) does not train with here."""
+    import open_clip
+
+    if "multimodal_cfg" not in (open_clip.get_model_config(cfg.model.name) or {}):
+        return
+    name = f"--model {cfg.model.name} (CoCa)"
+    if cfg.train.accum_freq > 1:
+        raise UserError(f"{name} with --accum-freq is not supported: the accumulation here caches each micro-batch's "
+                        "embeddings only, and the caption loss needs its decoder logits; raise --batch-size instead")
+    obj = cfg.objective
+    if obj.distill is not None or obj.headalign is not None:
+        raise UserError(f"{name} with --distill / --teacher-cache / --headalign is not supported: they are defined "
+                        "on the contrastive embeddings only; drop them")
+
+
+def _check_remote_sync(cfg: RunCfg) -> None:
+    from .remote_sync import RemoteSyncError, check
+
+    rs = cfg.output.remote_sync
+    if rs.enabled and cfg.output.logs.lower() == "none":
+        raise UserError("--remote-sync copies the run directory; --log-dir none has none")
+    try:
+        check(rs)
+    except RemoteSyncError as e:
+        raise UserError(str(e)) from None
 
 
 def _check_zeroshot(cfg: RunCfg) -> None:

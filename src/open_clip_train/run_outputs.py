@@ -39,6 +39,10 @@ class RunPaths:
     def log(self) -> Path:
         return self.root / "out.log"
 
+    def rank_log(self, rank: int) -> Path:
+        """--log-local: a node's local rank 0 logs here (upstream's `out-<rank>`)."""
+        return self.root / f"out-{rank}"
+
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
@@ -78,6 +82,17 @@ def run_dir_problem(paths: Optional[RunPaths], resuming: bool) -> Optional[str]:
         return (f"experiment {paths.root} already exists; use --name to start a new one "
                 "or --resume latest to continue it")
     return None
+
+
+def log_file(paths: Optional[RunPaths], rank: int, local_rank: int, log_local: bool) -> Optional[Path]:
+    """The file this process logs to: out.log on rank 0; with --log-local also `out-<rank>` on every
+    other node's local rank 0 (upstream logs on each local master then; rank 0 keeps out.log here,
+    the file the rest of this package reads)."""
+    if paths is None:
+        return None
+    if rank == 0:
+        return paths.log
+    return paths.rank_log(rank) if log_local and local_rank == 0 else None
 
 
 def prepare_run_dir(paths: Optional[RunPaths]) -> None:

@@ -6,9 +6,11 @@ requires_grad, their own param groups (nothing else in the optimizer changes), a
 wrapper is rebuilt, because DDP only hooks params that required grad when it was built.
 Flipping requires_grad under a live wrapper would leave new params unsynchronised.
 
-At every step boundary (`_step_boundary`): the --save-every-n-steps checkpoint, then the ranks
-agree on whether a stop signal arrived (one all-reduce); if so, rank 0 checkpoints that exact
-step and `fit` returns True (stopped). The same agreement follows each epoch's save.
+Every step's decisions (non-finite loss or gradients, bad samples, a stop signal on some rank) come
+from one all-reduce (`numerics.agree_on_step`). At the step boundary (`_step_boundary`): the
+--save-every-n-steps checkpoint, then, if a stop signal was agreed, rank 0 checkpoints that exact
+step and `fit` returns True (stopped). Each epoch's save is followed by its own stop agreement (a
+signal during the evaluation or the save).
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class Trainer:
                  stop: Optional[StopRequest] = None):
         self.cfg, self.world, self.device, self.paths = cfg, world, device, paths
         self.stop = stop
+        self._agreed_stop = 0  # the stop signal the last step's agreement found (0: none)
         self.step = 0
         self.start_epoch = 0
         self.start_epoch_step = 0  # optimizer steps of start_epoch already done (mid-epoch resume)
@@ -104,7 +107,8 @@ class Trainer:
                                            context_length=tokenizer_context_length(cfg.model.overrides))
         # --torchcompile: the trimmed length is read from the tokens (a graph break and a recompile
         # per length), so the compiled model runs the full context length
-        trim = cfg.model.trim_text_padding and not cfg.model.torchcompile
+        # CoCa: the caption decoder reads the full token sequence (its labels are the tokens shifted)
+        trim = cfg.model.trim_text_padding and not cfg.model.torchcompile and not hasattr(self.model, "text_decoder")
         if set_text_padding_trim(self.model, trim) and trim:
             logging.info("text tower: runs on each batch's tokens up to its last EOS, rounded up to "
                          f"{TEXT_TRIM_ROUND} (--no-trim-text-padding for the full context length)")
@@ -115,6 +119,7 @@ class Trainer:
             logging.info(f"video: {cfg.video.model.pooling} pooling over up to {cfg.video.model.max_frames} frames")
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self._convert_bn_sync()
         self.plan = build_plan(self.model, cfg.freeze, cfg.train.epochs)
         for note in self.plan.notes:
             logging.info(f"freeze: {note}")
@@ -201,6 +206,20 @@ class Trainer:
         note = retain_freed_memory()
         if note:
             logging.info(note)
+
+    def _convert_bn_sync(self) -> None:
+        """--use-bn-sync under DDP (upstream converts before wrapping): BatchNorm layers become
+        SyncBatchNorm in place, keeping their parameter and buffer tensors and names, before the
+        freezing plan and the optimizer see them, so every later DDP wrapper (each unlock rebuilds
+        one) wraps the same synchronised layers. In one process there is nothing to synchronise."""
+        if not self.cfg.dist.use_bn_sync:
+            return
+        if not self.world.distributed:
+            logging.info("--use-bn-sync: one process, BatchNorm left as it is")
+            return
+        before = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        logging.info(f"--use-bn-sync: {before} BatchNorm layers synchronised across the {self.world.world_size} ranks")
 
     def _wrap(self) -> None:
         """(Re)build the DDP wrapper over the current trainable set."""
@@ -482,16 +501,15 @@ class Trainer:
         if saved:
             self.save_step(epoch, steps_done)
         faults.at_step(self.step)
-        signum = self._stop_agreed()
+        signum, self._agreed_stop = self._agreed_stop, 0
         if signum:
             self._stop(epoch, steps_done, signum, saved)
             return True
         return False
 
     def _stop_agreed(self) -> int:
-        """The stop signal any rank received (0: none), the same on every rank, so all of them
-        stop after the same step. Under DDP one all-reduce of one integer per step: the step
-        already waits for the loss values (`float(v)` in train_step), so this adds no new sync."""
+        """The stop signal any rank received (0: none), the same on every rank: after an epoch's
+        evaluation and save (within a step, `agree_on_step` carries it)."""
         local = self.stop.signum if self.stop is not None else 0
         return dist_env.all_reduce_max_int(local, self.device)
 
@@ -544,8 +562,11 @@ class Trainer:
             grad_norm = self._clip()
         bad = self.bad_budget.add_batches(batches)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        loss_bad, grads_bad, bad_total = agree_on_step(terms, grad_norm, params, self.scaler is not None, bad,
-                                                       self.device)
+        faults.in_step(self.step + 1)
+        agreed = agree_on_step(terms, grad_norm, params, self.scaler is not None, bad, self.device,
+                               self.stop.signum if self.stop is not None else 0)
+        self._agreed_stop = agreed.stop_signum  # acted on at the step boundary, after any periodic save
+        loss_bad, grads_bad, bad_total = agreed.loss_bad, agreed.grads_bad, agreed.bad_samples
         self.bad_budget.check(bad_total, self.train_data.num_samples, self.where.split(",")[0])
         if is_failure(not loss_bad, not grads_bad, self.scaler is not None):
             skip_step(self.optimizer, self.scaler, unscaled=grad_norm is not None)

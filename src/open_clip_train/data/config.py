@@ -25,6 +25,7 @@ class DataCfg:
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     dataset_resampled: bool = False  # webdataset: draw shards with replacement
+    upsampling_factors: str | None = None  # webdataset 'a::b' sources: shard draw weights 'wa::wb' (resampled)
     max_bad_samples_fraction: float = 0.01  # stop when more of an epoch (or the val set) is bad
 
 
@@ -35,6 +36,8 @@ class DataCfg:
             raise ValueError(
                 f"coco_caption_sampling must be one of {CAPTION_SAMPLING}, got {self.coco_caption_sampling!r}"
             )
+        if self.upsampling_factors is not None and not self.dataset_resampled:
+            raise ValueError("upsampling factors weight draws with replacement: they need dataset_resampled")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError(f"need batch_size >= 1 and workers >= 0, got {self.batch_size}, {self.workers}")
         if self.dataset_type == "synthetic" and self.val_data:

@@ -161,6 +161,8 @@ def _train(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer, rank: int, w
     epoch = SharedEpoch()
     if with_ids and kind not in ("coco", "csv"):
         raise ValueError(f"per-sample ids (a teacher cache) need coco or csv training data, not {kind}")
+    if cfg.upsampling_factors is not None and kind != "webdataset":
+        raise ValueError(f"upsampling factors weight webdataset sources ('a::b'), not {kind} data")
     if kind == "synthetic":
         if cfg.train_num_samples is None:
             raise ValueError("synthetic training data needs train_num_samples")
@@ -171,7 +173,7 @@ def _train(cfg: DataCfg, transform: Callable, tokenizer: Tokenizer, rank: int, w
         streamed = build_wds_train(
             cfg.train_data, transform, tokenizer, batch_size=cfg.batch_size, workers=cfg.workers,
             seed=cfg.seed, rank=rank, world_size=world_size, num_samples=cfg.train_num_samples,
-            resampled=cfg.dataset_resampled, pin_memory=_pin_memory(),
+            resampled=cfg.dataset_resampled, pin_memory=_pin_memory(), upsampling_factors=cfg.upsampling_factors,
         )
         return DataInfo(streamed.loader, None, streamed.num_samples, streamed.num_batches,
                         streamed.shared_epoch)

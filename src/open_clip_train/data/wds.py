@@ -44,6 +44,27 @@ def shard_urls(spec: str) -> list[str]:
     return list(wds.shardlists.expand_urls(spec))
 
 
+def shard_weights(spec: str, factors: str) -> tuple[list[str], list[float]]:
+    """Upstream's weighted expand_urls: each '::' source's shards, each shard weighted by its source's
+    factor (so a source's share of the draws is factor x its shard count over the total)."""
+    sources, parts = spec.split("::"), factors.split("::")
+    if len(parts) != len(sources):
+        raise ValueError(f"{len(parts)} upsampling factors ({factors}) for {len(sources)} '::' data sources; "
+                         "give one per source")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"upsampling factors {factors!r}: numbers separated by '::', e.g. 1::2") from None
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"upsampling factors {factors!r}: need finite numbers >= 0, not all 0")
+    urls, per_url = [], []
+    for source, w in zip(sources, weights):
+        expanded = shard_urls(source)
+        urls += expanded
+        per_url += [w] * len(expanded)
+    return urls, per_url
+
+
 def dataset_size(urls: list[str]) -> int | None:
     """Total samples from sizes.json or __len__ next to the first shard (as upstream)."""
     folder = Path(urls[0]).parent
@@ -69,8 +90,9 @@ def _stream_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _train_shards(urls: list[str], seed: int, epoch: SharedEpoch, rank: int, world_size: int,
-                  resampled: bool) -> Callable[[], Iterator[dict]]:
-    """Shard urls for this rank and worker: a seeded permutation, or draws with replacement."""
+                  resampled: bool, weights: list[float] | None = None) -> Callable[[], Iterator[dict]]:
+    """Shard urls for this rank and worker: a seeded permutation, or draws with replacement
+    (weighted by `weights`, one per url, when given: upsampling factors)."""
 
     def shuffled() -> Iterator[dict]:
         order = list(urls)
@@ -82,7 +104,7 @@ def _train_shards(urls: list[str], seed: int, epoch: SharedEpoch, rank: int, wor
     def drawn() -> Iterator[dict]:
         rng = random.Random(_stream_seed(seed, epoch.get(), rank))  # distinct per rank and worker
         while True:  # endless: with_epoch decides when the epoch ends
-            yield dict(url=rng.choice(urls))
+            yield dict(url=rng.choice(urls) if weights is None else rng.choices(urls, weights)[0])
 
     return drawn if resampled else shuffled
 
@@ -135,8 +157,15 @@ def build_train(
     num_samples: int | None,
     resampled: bool,
     pin_memory: bool,
+    upsampling_factors: str | None = None,
 ) -> WdsTrain:
-    urls = shard_urls(spec)
+    weights = None
+    if upsampling_factors is not None:
+        if not resampled:
+            raise ValueError("upsampling factors weight draws with replacement: they need dataset_resampled")
+        urls, weights = shard_weights(spec, upsampling_factors)
+    else:
+        urls = shard_urls(spec)
     num_samples = num_samples or dataset_size(urls)
     if not num_samples:
         raise ValueError(
@@ -181,7 +210,7 @@ def build_train(
             yield Batch((images, tokens), recorder.drain())
 
     pipeline = wds.DataPipeline(
-        _train_shards(urls, seed, epoch, rank, world_size, resampled),
+        _train_shards(urls, seed, epoch, rank, world_size, resampled, weights),
         wds.tarfile_to_samples(handler=recorder.handler),
         shuffle_samples,
         to_pairs,

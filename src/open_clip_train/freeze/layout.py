@@ -16,6 +16,10 @@ SHARED = ("logit_scale", "logit_bias")
 # trains under --lock-image --lock-text (only --lock-pattern / --lr-mult RE=0 freeze it).
 VIDEO = "video"
 VIDEO_PREFIX = "video_pool."
+# CoCa's caption decoder (`text_decoder.*`): a part of its own too. Upstream's CoCa.lock_text_tower
+# locks `model.text` only, so the decoder trains under --lock-text here as well.
+DECODER = "decoder"
+DECODER_PREFIX = "text_decoder."
 
 
 @dataclass
@@ -106,17 +110,26 @@ def _hf_text_layout(text: nn.Module) -> TowerLayout:
     return TowerLayout("text", [emb, *layer_groups[:-1], layer_groups[-1] + rest], head)
 
 
+def _decoder_layout(model: nn.Module) -> TowerLayout:
+    """CoCa's MultimodalTransformer: one group per layer (its self-attention block and its
+    cross-attention block), then [ln_final, text_projection] last, input -> output."""
+    dec = model.text_decoder
+    groups = [_prefixed(f"{DECODER_PREFIX}resblocks.{i}.", b) + _prefixed(f"{DECODER_PREFIX}cross_attn.{i}.", c)
+              for i, (b, c) in enumerate(zip(dec.resblocks, dec.cross_attn))]
+    grouped = {n for g in groups for n in g}
+    last = [n for n in _prefixed(DECODER_PREFIX, dec) if n not in grouped]
+    return TowerLayout(DECODER, [g for g in [*groups, last] if g])
+
+
 class UnsupportedTower(ValueError):
-    """Parameters outside the image and text towers (e.g. CoCa's text decoder): the freezing
-    schedule cannot place them, so the model is refused before any work (a user error)."""
+    """Parameters outside the towers and parts this package knows: the freezing schedule cannot
+    place them, so the model is refused before any work (a user error)."""
 
     def __init__(self, names):
         self.names = list(names)
         parts = sorted({n.split(".")[0] for n in self.names})
-        coca = " (CoCa's caption decoder is not supported yet: train CoCa models with upstream's trainer)" \
-            if "text_decoder" in parts else ""
         super().__init__(f"{len(self.names)} parameters outside the image and text towers ({', '.join(parts)}; e.g. "
-                         f"{self.names[0]}) that this trainer cannot freeze or schedule{coca}")
+                         f"{self.names[0]}) that this trainer cannot freeze or schedule")
 
 
 def tower_layout(model: nn.Module) -> Dict[str, TowerLayout]:
@@ -125,6 +138,8 @@ def tower_layout(model: nn.Module) -> Dict[str, TowerLayout]:
     video = [n for n, _ in model.named_parameters() if n.startswith(VIDEO_PREFIX)]
     if video:
         layouts[VIDEO] = TowerLayout(VIDEO, [], head=video)
+    if getattr(model, "text_decoder", None) is not None:
+        layouts[DECODER] = _decoder_layout(model)
     seen: Dict[str, str] = {}
     for tower in layouts.values():
         for n in tower.names:
@@ -143,6 +158,8 @@ def tower_of(name: str) -> str:
         return "shared"
     if name.startswith(VIDEO_PREFIX):
         return VIDEO
+    if name.startswith(DECODER_PREFIX):
+        return DECODER
     return "image" if name.startswith("visual.") else "text"
 
 
@@ -150,12 +167,13 @@ def count_trainable(model: nn.Module) -> Dict[str, int]:
     """Trainable parameter counts: visual = the image tower, text = the whole text side
     (wherever the tower keeps its params: CLIP's sits at the model's top level); a video model
     also has `video`, its frame aggregation, on a line of its own: it is neither tower's, and
-    "lock both towers, train the aggregation" should read as visual=0, text=0, video=N."""
+    "lock both towers, train the aggregation" should read as visual=0, text=0, video=N. CoCa's
+    caption decoder is counted as `decoder` the same way."""
     counts = {"visual": 0, "text": 0, "total": 0}
-    key = {"image": "visual", "text": "text", VIDEO: VIDEO}
+    key = {"image": "visual", "text": "text", VIDEO: VIDEO, DECODER: DECODER}
     for n, p in model.named_parameters():
-        if n.startswith(VIDEO_PREFIX):
-            counts.setdefault(VIDEO, 0)
+        if tower_of(n) in (VIDEO, DECODER):
+            counts.setdefault(tower_of(n), 0)
         if not p.requires_grad:
             continue
         counts["total"] += p.numel()
@@ -166,5 +184,5 @@ def count_trainable(model: nn.Module) -> Dict[str, int]:
 
 
 def format_counts(counts: Dict[str, int]) -> str:
-    video = f", video={counts[VIDEO]}" if VIDEO in counts else ""
-    return f"visual={counts['visual']}, text={counts['text']}{video}, total={counts['total']}"
+    parts = "".join(f", {p}={counts[p]}" for p in (VIDEO, DECODER) if p in counts)
+    return f"visual={counts['visual']}, text={counts['text']}{parts}, total={counts['total']}"

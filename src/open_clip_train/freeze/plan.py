@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from ..errors import UserError, flag
-from .layout import TOWERS, VIDEO, TowerLayout, tower_layout, tower_of
+from .layout import DECODER, TOWERS, VIDEO, TowerLayout, tower_layout, tower_of
 
 # Upstream's HF lock leaves params of modules named "LayerNorm" (BERT naming) trainable unless
 # --lock-text-freeze-layer-norm; other towers treat norms like any other weight.
@@ -197,10 +197,11 @@ def build_plan(model: nn.Module, cfg: FreezeCfg, epochs: int) -> FreezePlan:
     shared_by_pattern = {n for hit in pattern_hits.values() for n in hit if tower_of(n) == "shared"}
     if shared_by_pattern:
         notes.append(f"shared: froze {', '.join(sorted(shared_by_pattern))} by {flag('lock_pattern')}")
-    video_by_pattern = {n for hit in pattern_hits.values() for n in hit if tower_of(n) == VIDEO}
-    if video_by_pattern:  # the video modules have no lock flag of their own: only a pattern freezes them
-        notes.append(f"video: froze {len(video_by_pattern)} params by {flag('lock_pattern')}")
-        shared_by_pattern |= video_by_pattern
+    for part in (VIDEO, DECODER):  # no lock flag of their own: only a pattern freezes them
+        part_by_pattern = {n for hit in pattern_hits.values() for n in hit if tower_of(n) == part}
+        if part_by_pattern:
+            notes.append(f"{part}: froze {len(part_by_pattern)} params by {flag('lock_pattern')}")
+            shared_by_pattern |= part_by_pattern
     frozen_start |= never | shared_by_pattern
     base = {n: ParamRule("base", _lr_mult(n, cfg.lr_mults), 0) for n in names if n not in frozen_start}
     plan = FreezePlan(layouts, base, unlocks, epochs, notes, cfg)
