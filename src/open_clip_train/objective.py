@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -40,6 +40,7 @@ class ObjectiveCfg:
     pretrained: Optional[str] = None  # the student's checkpoint: the reference head comes from it
     precision: str = "fp32"
     trust_checkpoint: bool = False  # teacher weights may need full unpickling (--trust-checkpoint)
+    video_distill: Optional[Any] = None  # video.distill_loss.VideoDistillCfg (--dataset-type msrvtt --distill)
 
 
 class Objective:

@@ -115,3 +115,30 @@ def video_id_map(video, data_root: str) -> Dict[int, str]:
 
     ids = train_split(data_root, video.train_split).video_ids
     return dict(zip(video_numbers(ids), ids))
+
+
+def preflight(cfg) -> None:
+    """`--dataset-type msrvtt --distill`'s user errors before any model or data is built: the
+    teacher's files and name, and each cache's manifest and coverage of the training split."""
+    from ..errors import UserError
+
+    d = cfg.objective.distill
+    if d.teacher_pretrained and not Path(d.teacher_pretrained).is_file():
+        raise UserError(f"--teacher-pretrained {d.teacher_pretrained}: no such file")
+    if not cfg.data.train_data:
+        raise UserError("--distill with --dataset-type msrvtt needs --train-data (the teacher teaches training)")
+    if d.teacher_cache:
+        missing = [c for c in cache_dirs(d.teacher_cache) if not Path(c).is_dir()]
+        if missing:
+            raise UserError(f"--teacher-cache {missing[0]}: no such directory")
+        try:
+            open_caches(d.teacher_cache, cfg.video, cfg.data.train_data, d.teacher_model.split(","))
+        except ValueError as e:
+            raise UserError(f"--teacher-cache: {e}") from None
+    elif d.teacher_model != XCLIP:
+        from ..models import create_model
+
+        try:
+            create_model(d.teacher_model, device="meta")
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--teacher-model {d.teacher_model}: {e} (or 'xclip' for an X-CLIP checkpoint)") from None
