@@ -68,7 +68,8 @@ def check_config(cfg: RunCfg) -> None:
     if obj.distill is not None and cfg.video is not None:
         from .video.distill_run import preflight as check_video_distill
 
-        check_video_distill(cfg)
+        with _quiet():
+            check_video_distill(cfg)
     elif obj.distill is not None:
         for flag, path in (("--teacher-pretrained", obj.distill.teacher_pretrained),
                            ("--teacher-cache", obj.distill.teacher_cache)):

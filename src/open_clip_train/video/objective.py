@@ -89,7 +89,6 @@ class VideoDistillObjective:
                 raise UserError(f"{flag('teacher_model')} {d.teacher_model}: {e}") from None
             self._check_inputs(inputs, model, video)
             self.live = inputs.teacher
-            self.token_len = int(inputs.tokenizer(PROBE).shape[1])
             logging.info(f"video teacher: {d.teacher_model} live (frozen, eval, no autograd, outside DDP)")
 
     def _check_inputs(self, inputs, model, video) -> None:
@@ -101,17 +100,22 @@ class VideoDistillObjective:
         if diff is not None:
             raise UserError(f"teacher {inputs.teacher.kind or 'model'} sees frames differently from the student "
                             f"({diff}); extract a teacher cache (extract_teacher) and pass {flag('teacher_cache')}")
-        want = inputs.tokenizer(PROBE)
+        self.max_words, self.token_len = video.max_words, int(inputs.tokenizer(PROBE).shape[1])
         have = word_limited(self.tokenizer, video.max_words)(PROBE)
-        if want.shape[1] > have.shape[1] or not torch.equal(have[:, :want.shape[1]], want):
+        if not torch.equal(self._teacher_tokens(have), inputs.tokenizer(PROBE)):
             raise UserError("the teacher tokenizes captions differently from the student; extract a teacher cache "
                             f"(extract_teacher) and pass {flag('teacher_cache')}")
+
+    def _teacher_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The student's word-limited tokens at the teacher's length (past max_words: padding)."""
+        kept = tokens[:, :self.max_words]
+        return torch.nn.functional.pad(kept, (0, self.token_len - kept.shape[1]))
 
     # ------------------------------------------------------------------ per batch
     def _targets(self, frames, mask, tokens, ids) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Every teacher's global [B, B] logits and [B, T] relevance."""
         if self.live is not None:
-            f = self.live.encode(frames, mask, tokens[:, :self.token_len])
+            f = self.live.encode(frames, mask, self._teacher_tokens(tokens))
             w = self.world
             words = _gather(f.text.words, w) if f.text.words is not None else None
             g = TeacherFeatures(VideoFeatures(_gather(f.video.frames, w), _gather(f.video.video, w),
