@@ -76,3 +76,33 @@ def test_user_errors_are_one_line(setup, capsys):
     assert run(setup, setup / "c16") == 0
     assert run(setup, setup / "c16") == 2
     assert "already holds a teacher cache" in capsys.readouterr().err
+
+
+def test_xclip_cache_targets_equal_live_targets(setup, monkeypatch):
+    import test_video_distill_xclip as tiny
+
+    monkeypatch.setattr(tiny, "VOCAB", 49408)  # real CLIP BPE ids
+    torch.save(tiny.tiny_xclip_state(), setup / "xclip.bin")
+    frames_n, words_n = tiny.T_FRAMES, tiny.W_WORDS
+    assert extract(["--dataset-type", "msrvtt", "--train-data", str(setup / "data"), "--max-frames", str(frames_n),
+                    "--max-words", str(words_n), "--teacher-model", "xclip", "--teacher-pretrained",
+                    str(setup / "xclip.bin"), "--out", str(setup / "cx"), "--dtype", "float32", "--workers", "0"]) == 0
+    manifest = json.loads((setup / "cx" / "manifest.json").read_text())
+    assert manifest["teacher"]["kind"] == "xclip" and manifest["features"]["words"] == words_n
+    assert manifest["frames"]["image_size"] == [tiny.IMAGE, tiny.IMAGE]
+
+    inputs = build_teacher("xclip", str(setup / "xclip.bin"), max_words=words_n)
+    split = train_split(setup / "data", "9k")
+    video = VideoCfg(max_words=words_n, model=VideoModelCfg(max_frames=frames_n))
+    data = VideoDataset(split.video_ids, frame_source(video, str(setup / "data")), inputs.transform(), frames_n)
+    rows = [3, 9, 30, 57]
+    video_rows = split.text_to_video()[rows].tolist()
+    frames = torch.stack([data[v][0] for v in video_rows])
+    mask = torch.stack([data[v][1] for v in video_rows])
+    tokens = inputs.tokenizer([split.flat_captions()[r] for r in rows])
+    assert tokens.shape == (len(rows), words_n) and int(tokens.max()) > 40  # BPE ids, end token kept
+    want_logits, want_rel = live_targets(inputs.teacher, frames, mask, tokens)
+    logits, rel = CachedVideoTeacher(VideoTeacherCache(setup / "cx")).targets(
+        [split.video_ids[v] for v in video_rows], split.pair_ids()[rows, 1].tolist())
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rel, want_rel, rtol=1e-5, atol=1e-6)

@@ -82,12 +82,13 @@ def test_cache_run_equals_live_run(setup, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(setup, tmp_path):
+@pytest.mark.parametrize("teacher", ["cache", "live"])
+def test_two_ranks_equal_one_process(setup, tmp_path, teacher):
     script = tmp_path / "dump_main.py"
     script.write_text(DUMP_SCRIPT)
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
-    cache = ["--teacher-cache", setup / "cache"]
+    cache = ["--teacher-cache", setup / "cache"] if teacher == "cache" else ["--teacher-pretrained", setup / "teacher.pt"]
     torchrun(2, script, args(setup, tmp_path / "logs", "two", *cache, batch=4), tmp_path / "two")
     with pytest.MonkeyPatch.context() as mp:
         in_process(args(setup, tmp_path / "logs", "one", *cache, batch=8), tmp_path / "one", mp)
