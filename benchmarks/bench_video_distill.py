@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402  (the shared measurement helpers)
-    BENCH, DEFAULT_WORK, REPO, _median, child_env, machine_info, measure, ours_python, other_load,
+    BENCH, DEFAULT_WORK, _median, child_env, machine_info, measure, ours_python, other_load,
 )
 
 STUDENT, TEACHER = "tiny-convnext-cliptext", "convnextv2_tiny_cliptext-512-linear"

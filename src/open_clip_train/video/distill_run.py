@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import torch
-
 from .teacher import VideoTeacher
 
 XCLIP = "xclip"

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from torch.utils.data import DataLoader, default_collate
 
 from .. import distributed as dist_env
@@ -25,9 +24,9 @@ from ..distill.cache import MANIFEST
 from ..errors import UserError
 from ..precision import PRECISIONS
 from .distill_run import TeacherInputs, build_teacher, frame_sampling
+from .model import VideoModelCfg
 from .teacher_cache import DTYPES, VideoShardWriter, manifest_meta, write_manifest
 from .training import TRAIN_SPLITS, VideoCfg, frame_source
-from .model import VideoModelCfg
 
 
 class _OneLineParser(argparse.ArgumentParser):
