@@ -15,7 +15,7 @@ from open_clip_train.video.demo import write_demo
 from open_clip_train.video.metrics import RECALL_KS
 
 from test_ddp import SGD, TOL, in_process, torchrun
-from rank_dump import DUMP_SCRIPT
+from launch import DUMP_SCRIPT
 
 MODEL = "tiny-convnext-cliptext"
 KEYS = [f"msrvtt_{d}_{m}" for d in ("t2v", "v2t") for m in [f"R@{k}" for k in RECALL_KS] + ["median_rank", "mean_rank"]]

@@ -13,6 +13,14 @@
 #   LOG_DIR         where runs go                     (default ./logs)
 #   WORKERS         data-loader workers per process   (default 8)
 #   DRY_RUN=1       print the freezing schedule and trainable counts, read no data
+#                   (video recipes also print the teacher-cache extraction command they would run)
+#   DISTILL         video recipes: 1 (default) distil from the teacher (TeachCLIP), 0 the contrastive loss only
+#   TEACHER_MODEL   video recipes: xclip (default) or a model config applied per frame
+#   TEACHER_PRETRAINED  the teacher's weights (default /weights/xclip/msrvtt<split>.bin)
+#   TEACHER_CACHE   where its features are extracted once, then read (default ./teacher_cache/msrvtt<split>-<model>);
+#                   extracted only when it holds no cache yet (REEXTRACT=1 replaces it)
+#   TEACHER_DTYPE   float16 (default) | float32 features in the cache
+#   LIVE_TEACHER=1  run the teacher on every batch instead of extracting a cache
 #   EXTRA_ARGS      appended to the trainer's command line
 # Weights (only the ones a recipe uses): CONVNEXTV2_TINY_WEIGHTS (timm safetensors),
 # GPT2_WEIGHTS (HF dir or model.safetensors), GPT2_TOKENIZER (HF tokenizer dir),
@@ -23,6 +31,8 @@ set -euo pipefail
 : "${GPT2_WEIGHTS:=/weights/gpt2/model.safetensors}"
 : "${GPT2_TOKENIZER:=/weights/gpt2}"
 : "${CNBW_CHECKPOINT:=/weights/CLIP-convnext_base_w-laion2B-s13B-b82K/open_clip_pytorch_model.bin}"
+MSRVTT_FRAMES=12  # CLIP4Clip's max_frames / max_words: the trainer and the teacher cache must agree
+MSRVTT_WORDS=32
 
 run_recipe() {  # run_recipe NAME WORLD_SIZE trainer-args...
     local name=$1 world=$2
@@ -50,7 +60,7 @@ run_video_recipe() {  # run_video_recipe NAME WORLD_SIZE trainer-args...: MSR-VT
     local root=${MSRVTT_ROOT:-/data/msrvtt}
     local video=(
         --dataset-type msrvtt --train-data "$root" --val-data "$root" --msrvtt-test 1k-A
-        --max-frames 12 --max-words 32 --video-pooling "${VIDEO_POOLING:-seqtransf-afa}"
+        --max-frames "$MSRVTT_FRAMES" --max-words "$MSRVTT_WORDS" --video-pooling "${VIDEO_POOLING:-seqtransf-afa}"
         --workers "${WORKERS:-8}" --lr-scheduler cosine --wd 0.2 --grad-clip-norm 1.0 --precision amp
         --log-dir "${LOG_DIR:-./logs}" --name "$name" --resume latest
     )
@@ -65,4 +75,40 @@ run_video_recipe() {  # run_video_recipe NAME WORLD_SIZE trainer-args...: MSR-VT
         --nproc_per_node "${NPROC_PER_NODE:-$world}" \
         --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
         -m open_clip_train.main "$@" "${video[@]}" ${EXTRA_ARGS:-}
+}
+
+run_video_distill_recipe() {  # run_video_distill_recipe NAME WORLD_SIZE SPLIT trainer-args...: TeachCLIP
+    # (the run is named NAME-distill-<teacher model> so that --resume latest never mixes it with DISTILL=0's)
+    local name=$1 world=$2 split=$3
+    shift 3
+    if [[ "${DISTILL:-1}" != 1 ]]; then
+        run_video_recipe "$name" "$world" "$@"
+        return
+    fi
+    local model=${TEACHER_MODEL:-xclip}
+    local weights=${TEACHER_PRETRAINED:-/weights/xclip/msrvtt${split}.bin}
+    if [[ "${LIVE_TEACHER:-0}" == 1 ]]; then
+        run_video_recipe "$name-distill-$model" "$world" "$@" --distill --teacher-model "$model" \
+            --teacher-pretrained "$weights"
+        return
+    fi
+    local cache=${TEACHER_CACHE:-./teacher_cache/msrvtt${split}-${model}}
+    local extract=(
+        -m open_clip_train.extract_teacher --dataset-type msrvtt --train-data "${MSRVTT_ROOT:-/data/msrvtt}"
+        --msrvtt-train-split "$split" --max-frames "$MSRVTT_FRAMES" --max-words "$MSRVTT_WORDS" --teacher-model "$model"
+        --teacher-pretrained "$weights" --out "$cache" --dtype "${TEACHER_DTYPE:-float16}" --workers "${WORKERS:-8}"
+    )
+    if [[ -n "${FRAMES_ROOT:-}" ]]; then
+        extract+=(--frames-root "$FRAMES_ROOT")
+    fi
+    if [[ "${REEXTRACT:-0}" == 1 ]]; then
+        extract+=(--overwrite)
+    fi
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        echo "teacher cache: would run (unless $cache/manifest.json exists): python ${extract[*]}"
+    elif [[ "${REEXTRACT:-0}" == 1 || ! -f "$cache/manifest.json" ]]; then
+        torchrun --nnodes 1 --nproc_per_node "${NPROC_PER_NODE:-$world}" \
+            --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" "${extract[@]}"
+    fi
+    run_video_recipe "$name-distill-$model" "$world" "$@" --distill --teacher-model "$model" --teacher-cache "$cache"
 }

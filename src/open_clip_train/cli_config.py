@@ -202,8 +202,12 @@ def _video(a: argparse.Namespace):
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} is a video flag: it needs --dataset-type msrvtt")
         return None
-    if a.distill or a.headalign or a.teacher_cache:
-        raise UserError("--dataset-type msrvtt trains without --distill / --headalign / --teacher-cache for now")
+    if a.headalign:
+        raise UserError("--dataset-type msrvtt trains without --headalign for now")
+    if a.distill and a.accum_freq > 1:
+        raise UserError("--dataset-type msrvtt --distill: --accum-freq > 1 is not supported yet")
+    if a.distill and getattr(a, "frozen_feature_cache", None):
+        raise UserError("--dataset-type msrvtt --distill: --frozen-feature-cache is not supported yet")
     try:
         return VideoCfg(train_split=a.msrvtt_train_split, test_split=a.msrvtt_test, video_root=a.video_root,
                         frames_root=a.frames_root, max_words=a.max_words,
@@ -243,4 +247,27 @@ def _objective(a: argparse.Namespace) -> ObjectiveCfg:
     return ObjectiveCfg(loss=loss, distill=distill, headalign=headalign,
                         pretrained=a.pretrained or None, precision=a.precision,
                         trust_checkpoint=a.trust_checkpoint, coca_caption_weight=a.coca_caption_loss_weight,
-                        coca_contrastive_weight=a.coca_contrastive_loss_weight)
+                        coca_contrastive_weight=a.coca_contrastive_loss_weight,
+                        video_distill=_video_distill(a, distill))
+
+
+_VIDEO_DISTILL_FLAGS = ("distill_coarse", "distill_fine", "distill_gt_weight", "distill_coarse_weight",
+                        "distill_fine_weight")
+
+
+def _video_distill(a: argparse.Namespace, distill):
+    """TeachCLIP's methods and weights for --dataset-type msrvtt --distill (refused elsewhere)."""
+    given = [f for f in _VIDEO_DISTILL_FLAGS if getattr(a, f) is not None]
+    if a.dataset_type != "msrvtt" or distill is None:
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is a video distillation flag: it needs "
+                            "--dataset-type msrvtt --distill")
+        return None
+    from .video.distill_loss import VideoDistillCfg
+
+    try:
+        return VideoDistillCfg(coarse=a.distill_coarse or "pear", fine=a.distill_fine or "ce",
+                               gt_weight=a.distill_gt_weight, coarse_weight=a.distill_coarse_weight,
+                               fine_weight=a.distill_fine_weight)
+    except ValueError as e:
+        raise UserError(f"--distill: {e}") from None

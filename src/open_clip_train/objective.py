@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -44,6 +44,7 @@ class ObjectiveCfg:
     trust_checkpoint: bool = False  # teacher weights may need full unpickling (--trust-checkpoint)
     coca_caption_weight: float = 2.0  # --coca-caption-loss-weight (CoCa models only)
     coca_contrastive_weight: float = 1.0  # --coca-contrastive-loss-weight
+    video_distill: Optional[Any] = None  # video.distill_loss.VideoDistillCfg (--dataset-type msrvtt --distill)
 
 
 class CaptionLoss(torch.nn.Module):

@@ -568,11 +568,24 @@ def _add_distillation(p: argparse.ArgumentParser) -> None:
                    help="Local HF tokenizer dir for a GPT2 teacher.")
     g.add_argument("--teacher-cache", default=None,
                    help="Teacher embeddings written by `python -m open_clip_train.extract_teacher`: train "
-                        "without running (or building) the teacher; its manifest must match this run.")
+                        "without running (or building) the teacher; its manifest must match this run. With "
+                        "--dataset-type msrvtt: DIR[,DIR2,...], one video teacher per directory, targets averaged.")
     g.add_argument("--no-teacher-share", default=False, action="store_true",
                    help="A live teacher always runs its whole forward, also where it could reuse the "
                         "student's identical frozen trunk / text tower.")
     g.add_argument("--distill-weight", type=float, default=1.0, help="Weight of the distillation KL term.")
+    g.add_argument("--distill-coarse", default=None, choices=["pear", "ce", "l1"],
+                   help="Video (TeachCLIP) coarse term: the teacher's video-text logits vs the student's (default pear).")
+    g.add_argument("--distill-fine", default=None, choices=["ce", "pear", "l1"],
+                   help="Video (TeachCLIP) fine term: the teacher's frame relevance vs the student's AFA weights "
+                        "(default ce).")
+    g.add_argument("--distill-gt-weight", type=float, default=None,
+                   help="Video distillation: weight of the ground-truth contrastive term (TeachCLIP's default "
+                        "for the coarse method: 1 for ce, else 0.2).")
+    g.add_argument("--distill-coarse-weight", type=float, default=None,
+                   help="Video distillation: weight of the coarse term (default 10 for ce, else 1).")
+    g.add_argument("--distill-fine-weight", type=float, default=None,
+                   help="Video distillation: weight of the fine term (default 1 for ce coarse, else 2).")
     g.add_argument("--distill-temperature", type=float, default=1.0, help="Temperature of the distillation KL.")
     g.add_argument("--headalign", default=False, action="store_true",
                    help="Align the new image head to the checkpoint's own (frozen) head on the same trunk features.")

@@ -67,7 +67,12 @@ def check_config(cfg: RunCfg) -> None:
         if path and not Path(path).exists():
             raise UserError(f"{flag} {path}: no such file or directory (weights are only read from local paths)")
     obj = cfg.objective
-    if obj.distill is not None:
+    if obj.distill is not None and cfg.video is not None:
+        from .video.distill_run import preflight as check_video_distill
+
+        with _quiet():
+            check_video_distill(cfg)
+    elif obj.distill is not None:
         for flag, path in (("--teacher-pretrained", obj.distill.teacher_pretrained),
                            ("--teacher-cache", obj.distill.teacher_cache)):
             if path and not Path(path).exists():

@@ -127,7 +127,13 @@ class Trainer:
         if not cfg.freeze.frozen_train_mode:
             install_frozen_eval(self.model)
 
-        self.objective = Objective(cfg.objective, self.model, world, device, self.tokenizer)
+        if cfg.video is not None and cfg.objective.distill is not None:  # TeachCLIP (video/objective.py)
+            from .video.objective import VideoDistillObjective
+
+            self.objective = VideoDistillObjective(cfg.objective, cfg.video, cfg.data.train_data, self.model, world,
+                                                   device, self.tokenizer)
+        else:
+            self.objective = Objective(cfg.objective, self.model, world, device, self.tokenizer)
         notice = augmentation_notice(not cfg.train.no_augment) if self.objective.needs_ids else None
         if notice:
             logging.warning(notice)
