@@ -63,6 +63,12 @@ SETTINGS = {
     "lock-both": (["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm"],
                   ["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm"]),
     "after-unlock": (["--lock-image", "--unfreeze-image-at-epoch", "1", "--unfreeze-new-lr-scale", "1"], []),
+    # ours trains on the frozen towers' outputs, computed once at start (a fresh cache per run, so
+    # start-up includes the extraction); upstream has no such cache (nor --no-augment: its train
+    # transform is a RandomResizedCrop at scale 0.9-1, ours a resize and centre crop, the same cost).
+    "lock-both-cache": (["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm", "--no-augment",
+                         "--frozen-feature-cache", "{run_dir}/frozen-cache"],
+                        ["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm"]),
 }
 
 
@@ -92,17 +98,20 @@ class Profile:
 # Locked settings skip 5 steps: ours times its frozen trunk on steps 1-3 and compiles it (when it
 # pays off) during step 4. after-unlock: epoch 0 is 4 locked steps, measured from step 6 on.
 _ALL = ["full", "lock-image", "lock-both", "after-unlock"]
-_SKIP = {"lock-image": 5, "lock-both": 5, "after-unlock": 5}
+_SKIP = {"lock-image": 5, "lock-both": 5, "after-unlock": 5, "lock-both-cache": 5}
 PROFILES = {
     # On 2 idle cores: ~17-25 s/step full fine-tune, ~4-8 s/step locked, ~40 s start-up per run.
     "default": Profile("convnextv2_tiny_cliptext-512", 224, 32, _ALL,
-                       {"full": 6, "lock-image": 12, "lock-both": 12, "after-unlock": 9}, skip=2, repeats=2,
+                       {"full": 6, "lock-image": 12, "lock-both": 12, "after-unlock": 9, "lock-both-cache": 30},
+                       skip=2, repeats=2,
                        workers=1, epoch_steps={"after-unlock": 4}, skip_for=_SKIP),
     "quick": Profile("convnextv2_tiny_cliptext-512", 224, 32, _ALL,
-                     {"full": 5, "lock-image": 10, "lock-both": 10, "after-unlock": 8}, skip=2, repeats=1,
+                     {"full": 5, "lock-image": 10, "lock-both": 10, "after-unlock": 8, "lock-both-cache": 30},
+                     skip=2, repeats=1,
                      workers=1, epoch_steps={"after-unlock": 4}, skip_for=_SKIP),
     "tiny": Profile("tiny-convnext-cliptext", 64, 32, _ALL,
-                    {"full": 30, "lock-image": 30, "lock-both": 30, "after-unlock": 30}, skip=5, repeats=2,
+                    {"full": 30, "lock-image": 30, "lock-both": 30, "after-unlock": 30, "lock-both-cache": 30},
+                    skip=5, repeats=2,
                     workers=1, epoch_steps={"after-unlock": 10}, skip_for={"after-unlock": 12}),
 }
 
@@ -127,6 +136,7 @@ def upstream_python(venv: str | None) -> Path:
 
 
 THREADS: int | None = None  # --threads: OMP/MKL threads for both trainers (None: torch's default)
+DEVICE = "cpu"  # --device: cpu hides every GPU from both trainers; cuda passes --device cuda to both
 
 
 def child_env() -> dict[str, str]:
@@ -134,8 +144,10 @@ def child_env() -> dict[str, str]:
     if THREADS:
         env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     env.pop("PYTHONPATH", None)  # nothing may change which open_clip_train each interpreter finds
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="",
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    if DEVICE == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -145,7 +157,8 @@ import torch, open_clip, timm, numpy, PIL
 import open_clip_train
 info = {"python": sys.version.split()[0], "torch": torch.__version__, "open_clip": open_clip.__version__,
         "timm": timm.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__,
-        "torch_threads": torch.get_num_threads(), "trainer": open_clip_train.__file__}
+        "torch_threads": torch.get_num_threads(), "trainer": open_clip_train.__file__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 model_name = sys.argv[1] if len(sys.argv) > 1 else ""
 if model_name:
     if not model_name.startswith("local-dir:"):
@@ -176,6 +189,12 @@ def probe(python: Path, model_arg: str = "") -> dict:
         if line.startswith("PROBE "):
             return json.loads(line[6:])
     sys.exit(f"probe with {python} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def cuda_available(python: Path) -> bool:
+    out = subprocess.run([str(python), "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+                         text=True, env=child_env(), timeout=300)
+    return out.stdout.strip().endswith("True")
 
 
 def machine_info() -> dict:
@@ -265,6 +284,7 @@ class RunResult:
     samples_per_s_median_step: float | None  # batch / median per-step interval (driver clock)
     self_reported_batch_t: float | None  # median of the trainer's own Batch (t), same steps
     peak_rss_mib: float  # ru_maxrss of the trainer (largest process in its tree)
+    peak_gpu_mib: float | None  # --device cuda: peak GPU memory of the tree, sampled from nvidia-smi
     peak_tree_rss_mib: float  # sampled peak of summed RSS over the process tree
     cpu_s_per_step: float | None  # trainer tree's user+sys CPU seconds per step, same window
     sys_s_per_step: float | None  # of which system (kernel) time: mostly page faults on fresh memory
@@ -304,6 +324,22 @@ def _tree_rss_kib(pid: int) -> int:
                     break
         except (OSError, ValueError):
             continue
+    return total
+
+
+def _gpu_mib(pids: list[int]) -> float:
+    """GPU memory the driver reports for these processes (nvidia-smi: the caching allocator's reserve
+    plus the CUDA context, the same measure for both trainers); 0 when nothing is on a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0.0
+    wanted, total = set(pids), 0.0
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit() and int(pid) in wanted:
+            total += float(mib or 0)
     return total
 
 
@@ -370,7 +406,9 @@ def run_trainer(impl: str, python: Path, model_arg: str, setting: str, tsv: Path
     # 'none' stores nothing at all (the driver keeps the console log). python -m, not torchrun, so
     # upstream's --logs spelling works for both.
     args += ["--logs", "none"]
-    args += SETTINGS[setting][0 if impl == "ours" else 1]
+    if DEVICE != "cpu":
+        args += ["--device", DEVICE]
+    args += [a.format(run_dir=run_dir) for a in SETTINGS[setting][0 if impl == "ours" else 1]]
     return measure(args, run_dir, impl, setting, repeat, order, steps, prof.batch_size, prof.skip_of(setting),
                    stop_after=True)
 
@@ -385,12 +423,16 @@ def measure(args: list[str], run_dir: Path, impl: str, setting: str, repeat: int
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(run_dir),
                             env=child_env(), text=True, bufsize=1)
-    peak_tree = [0]
+    peak_tree, peak_gpu = [0], [0.0]
     done = threading.Event()
 
     def sample() -> None:
+        n = 0
         while not done.is_set():
             peak_tree[0] = max(peak_tree[0], _tree_rss_kib(proc.pid))
+            if DEVICE == "cuda" and n % 5 == 0:  # nvidia-smi takes tens of ms: once a second
+                peak_gpu[0] = max(peak_gpu[0], _gpu_mib(_tree_pids(proc.pid)))
+            n += 1
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -453,6 +495,7 @@ def measure(args: list[str], run_dir: Path, impl: str, setting: str, repeat: int
         startup_s=round(step_times[0] - t0, 2) if step_times else None,
         samples_per_s=sps, samples_per_s_median_step=sps_med, self_reported_batch_t=bt,
         peak_rss_mib=round(usage.ru_maxrss / 1024, 1), peak_tree_rss_mib=round(peak_tree[0] / 1024, 1),
+        peak_gpu_mib=round(peak_gpu[0], 1) if DEVICE == "cuda" else None,
         cpu_s_per_step=round(cpu_step, 3) if cpu_step is not None else None,
         sys_s_per_step=round(sys_step, 3) if sys_step is not None else None,
         minor_faults_per_step=round(faults_step) if faults_step is not None else None,
@@ -488,6 +531,7 @@ def summarise(runs: list[RunResult], prof: Profile) -> list[dict]:
                 "self_reported_batch_t_s": _median([r.self_reported_batch_t for r in rs]),
                 "peak_rss_mib": _median([r.peak_rss_mib for r in rs]),
                 "peak_tree_rss_mib": _median([r.peak_tree_rss_mib for r in rs]),
+                "peak_gpu_mib": _median([r.peak_gpu_mib for r in rs]),
                 "startup_s": _median([r.startup_s for r in rs]),
                 "cpu_s_per_step": _median([r.cpu_s_per_step for r in rs]),
                 "sys_s_per_step": _median([r.sys_s_per_step for r in rs]),
@@ -499,7 +543,7 @@ def summarise(runs: list[RunResult], prof: Profile) -> list[dict]:
         row["ratio_ours_over_upstream"] = {
             k: (o[k] / u[k] if o[k] and u[k] else None)
             for k in ("samples_per_s", "samples_per_s_median_step", "samples_per_cpu_s", "peak_rss_mib",
-                      "peak_tree_rss_mib")
+                      "peak_tree_rss_mib", "peak_gpu_mib")
         }
         rows.append(row)
     return rows
@@ -513,7 +557,8 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], runs: list[RunResul
         "",
         f"Generated by `{meta['command']}` on {meta['date']}.",
         "",
-        f"* Machine: {m['cpu_model']}, {m['usable_cores']} cores, {m['mem_gib']} GiB RAM, {m['platform']}",
+        f"* Machine: {m['cpu_model']}, {m['usable_cores']} cores, {m['mem_gib']} GiB RAM, {m['platform']}; "
+        f"device: {cfg['device']}" + (f" ({meta['ours']['cuda']})" if cfg["device"] == "cuda" else ""),
         f"* Ours: torch {meta['ours']['torch']}, open_clip {meta['ours']['open_clip']}, timm {meta['ours']['timm']}, "
         f"{meta['ours']['torch_threads']} torch threads, trainer `{meta['ours']['trainer_rel']}`",
         f"* Upstream: torch {meta['upstream']['torch']}, open_clip {meta['upstream']['open_clip']}, "
@@ -544,6 +589,11 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], runs: list[RunResul
         out.append(f"| {r['setting']} | {f(o['samples_per_s'], 2)} | {f(u['samples_per_s'], 2)} | "
                    f"{f(q['samples_per_s'], 3)} | {f(o['peak_rss_mib'], 0)} | {f(u['peak_rss_mib'], 0)} | "
                    f"{f(q['peak_rss_mib'], 3)} | {f(o['peak_tree_rss_mib'], 0)} | {f(u['peak_tree_rss_mib'], 0)} |")
+    if cfg["device"] == "cuda":
+        out += ["", "Peak GPU memory (nvidia-smi, per process tree: allocator reserve + CUDA context), MiB:", "",
+                "| setting | ours | upstream | ours/upstream |", "| --- | ---: | ---: | ---: |"]
+        out += [f"| {r['setting']} | {f(r['ours']['peak_gpu_mib'], 0)} | {f(r['upstream']['peak_gpu_mib'], 0)} | "
+                f"{f(r['ratio_ours_over_upstream']['peak_gpu_mib'], 3)} |" for r in rows]
     out += [
         "",
         "Cross-checks (medians): samples/s from the median per-step interval; samples per CPU-second of the "
@@ -600,7 +650,13 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one repeat, fewer steps (~6 min)")
     mode.add_argument("--tiny", action="store_true", help="tiny-convnext-cliptext smoke check (~3 min; writes results-tiny.*)")
-    ap.add_argument("--settings", default=None, help="comma list of full,lock-image (default: both)")
+    ap.add_argument("--settings", default=None,
+                    help=f"comma list of {','.join(SETTINGS)} (default: {','.join(_ALL)})")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (default: GPUs hidden from both trainers) or cuda (--device cuda for both, peak GPU "
+                         "memory sampled; stops if torch sees no GPU)")
+    ap.add_argument("--batch-size", type=int, default=None, help="batch size of both trainers (default: the profile's)")
+    ap.add_argument("--precision", default=None, help="--precision of both trainers, e.g. amp (default: fp32)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per trainer and setting")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (all settings)")
     ap.add_argument("--skip", type=int, default=None, help="warm-up steps left out of the throughput window")
@@ -636,11 +692,15 @@ def main(argv: list[str] | None = None) -> int:
         prof.skip_for = {}
     if a.workers is not None:
         prof.workers = a.workers
+    if a.batch_size is not None:
+        prof.batch_size = a.batch_size
+    if a.precision is not None:
+        prof.precision = a.precision
     for s in prof.settings:
         if prof.steps[s] < prof.skip_of(s) + 2:
             ap.error(f"{s}: {prof.steps[s]} steps leave fewer than 2 after skipping {prof.skip_of(s)}")
-    global THREADS
-    THREADS = a.threads
+    global THREADS, DEVICE
+    THREADS, DEVICE = a.threads, a.device
     base = Path(a.out) if a.out else BENCH / ("results-tiny" if a.tiny else "results")
     work = Path(a.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -649,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     up_model_dir = upstream_model_dir(work, prof.model)
     up_model_arg = f"local-dir:{up_model_dir}"
     print(f"probing interpreters (ours: {ours_py}, upstream: {up_py}) ...", flush=True)
+    if DEVICE == "cuda" and not cuda_available(ours_py):
+        print("bench_train: error: --device cuda but torch sees no GPU (torch.cuda.is_available() is False); "
+              "run on a GPU machine or with --device cpu", file=sys.stderr)
+        return 2
     ours_info, up_info = probe(ours_py, prof.model), probe(up_py, up_model_arg)
     if not ours_info["trainer"].replace("\\", "/").startswith(str(REPO / "src") + "/"):
         sys.exit(f"ours: open_clip_train resolves to {ours_info['trainer']}, not {REPO / 'src'}")
@@ -736,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "ours": ours_info,
         "upstream": up_info,
-        "config": dict(asdict(prof), threads_env=THREADS, upstream_model=up_model_arg.replace(str(REPO) + "/", ""),
+        "config": dict(asdict(prof), threads_env=THREADS, device=DEVICE, upstream_model=up_model_arg.replace(str(REPO) + "/", ""),
                        data=str(tsv_all.parent.relative_to(REPO)) if tsv_all.is_relative_to(REPO) else str(tsv_all),
                        caption_tokens=caption_tokens(tsv_all, prof.batch_size)),
         "model_check": model_check,

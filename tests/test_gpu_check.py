@@ -7,8 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from open_clip_train.params import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,11 +80,26 @@ def test_plan_trainer_commands_parse(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="benchmarks/bench_train.py needs --device cuda (and not to blank "
-                                       "CUDA_VISIBLE_DEVICES), --batch-size and --precision")
 def test_plan_benchmark_command_parses(tmp_path):
     bench = next(c for c in _plan(tmp_path) if c[1].endswith("bench_train.py"))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), *bench[2:], "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-500:]
     assert all(flag in proc.stdout for flag in ("--device", "--batch-size", "--precision"))
+
+
+def test_benchmark_refuses_cuda_without_a_gpu(tmp_path):
+    """--device cuda on a machine where torch sees no GPU: one error line, exit 2, no CPU figures."""
+    upstream = tmp_path / "upstream" / "bin"
+    upstream.mkdir(parents=True)
+    (upstream / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")  # never reached
+    (upstream / "python").chmod(0o755)
+    out = tmp_path / "res"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OURS_PYTHON=sys.executable)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--device", "cuda",
+                           "--upstream-venv", str(upstream.parent), "--work-dir", str(tmp_path / "work"),
+                           "--out", str(out), "--max-wait", "0"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--device cuda but torch sees no GPU" in proc.stderr
+    assert not out.with_suffix(".md").exists() and not (tmp_path / "work" / "runs").exists()
