@@ -41,9 +41,9 @@ def test_recipe_dry_run_reproduces_seed_counts(name, tmp_path):
 # The TeachClip student recipes (no teacher yet): convnext_base_w with seqtransf-afa aggregation.
 # Locked: the image head (640 x 1024 projection), the video modules and the logit scale train.
 VIDEO_INIT = {
-    "msrvtt9k_cnbw_student_nodistill_lr1e-4_bs30x4_10e": (88221824, 91163520, 20112641, 199497986),
-    "msrvtt7k_cnbw_student_nodistill_lr1e-4_bs30x4_10e": (88221824, 91163520, 20112641, 199497986),
-    "msrvtt7k_cnbw_student_nodistill_locked_lr1e-4_bs30x4_16e": (655360, 0, 20112641, 20768002),
+    "msrvtt9k_cnbw_student_xclip_lr1e-4_bs30x4_10e": (88221824, 91163520, 20112641, 199497986),
+    "msrvtt7k_cnbw_student_xclip_lr1e-4_bs30x4_10e": (88221824, 91163520, 20112641, 199497986),
+    "msrvtt7k_cnbw_student_xclip_locked_lr1e-4_bs30x4_16e": (655360, 0, 20112641, 20768002),
 }
 
 

@@ -3,7 +3,7 @@ import os
 import subprocess
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "msrvtt9k_cnbw_student_nodistill_lr1e-4_bs30x4_10e.sh"
+RECIPE = Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "msrvtt9k_cnbw_student_xclip_lr1e-4_bs30x4_10e.sh"
 
 
 def launch(tmp_path, **env):

@@ -2,7 +2,7 @@
 # Seed TeachClip student, MSR-VTT 7k, 10 epochs.
 # Distilled from an X-CLIP teacher (TeachCLIP: coarse pear + fine ce, default weights) whose
 # features are extracted once into a teacher cache, then read by id (DISTILL=0: the contrastive
-# loss only, as this file's name says; LIVE_TEACHER=1: no cache; knobs in _launch.sh).
+# loss only; LIVE_TEACHER=1: no cache; knobs in _launch.sh).
 # TeachCLIP's optimiser: lr 1e-4, AFA at 10x, the pretrained towers at 1e-3x (coef_lr), batch 120
 # (4 x 30), clip-norm 1.0, warmup-cosine.
 source "$(dirname "$0")/_launch.sh"
