@@ -87,15 +87,17 @@ def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tens
     total norm when clipping is on, else one fused norm over `params`."""
     loss_ok = all_finite(list(terms.values()))
     if scaler_active:
-        grads_ok = torch.tensor(True)
+        grads_ok = torch.ones((), dtype=torch.bool, device=device)
     elif grad_norm is not None:
         grads_ok = grad_norm.isfinite()
     else:
         grads_ok = all_finite([p.grad for p in params])
-    signals = [float(stop_signum == s) for s in STOP_SIGNALS]
-    flags = torch.cat([torch.stack([(~loss_ok).float().cpu(), (~grads_ok).float().cpu()]),
-                       torch.tensor([float(bad_samples)] + signals)])
-    flags = dist_env.all_reduce_sum(flags.to(device)).cpu().tolist()
+    # Built on the device (fill kernels, no host->device copy that would wait for the step's
+    # kernels), so the read-back after the all-reduce is the step's one host sync.
+    host = [float(bad_samples)] + [float(stop_signum == s) for s in STOP_SIGNALS]
+    flags = torch.stack([(~loss_ok.to(device)).float(), (~grads_ok.to(device)).float()]
+                        + [torch.full((), v, device=device) for v in host])
+    flags = dist_env.all_reduce_sum(flags).tolist()
     stop = next((int(s) for s, n in zip(STOP_SIGNALS, flags[3:]) if n > 0), 0)
     return StepAgreement(flags[0] > 0, flags[1] > 0, int(flags[2]), stop)
 
