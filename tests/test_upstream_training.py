@@ -128,5 +128,16 @@ def test_torchscript_is_refused_in_one_line(tmp_path, capfd):
                                        "--torchscript"])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == ["error: --torchscript: TorchScript is not supported by this trainer; drop the flag"]
+    assert err == ["error: --torchscript: TorchScript is not supported by this trainer (deprecated in PyTorch, and a "
+                   "scripted model cannot carry the text trim and frozen-trunk wrappers); use --torchcompile"]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("flags, why", [(["--horovod"], "torchrun / SLURM"), (["--use-bnb-linear", "x"], "CUDA-only"),
+                                        (["--trace"], "--torchcompile"), (["--dist-url", "tcp://h:1"], "torchrun")])
+def test_other_upstream_flags_are_refused_with_the_reason(tmp_path, capfd, flags, why):
+    code, run = _run(tmp_path, "refused", ["--model", "tiny-convnext-cliptext"] + flags)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {flags[0]}: ") and "not supported by this trainer" in err[0] and why in err[0]
     assert not run.exists()

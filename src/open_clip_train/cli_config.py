@@ -23,11 +23,14 @@ from .zeroshot import ZeroShotCfg
 # Upstream flags this trainer accepts (so old command lines parse) but does not implement.
 # Setting one is refused with a clear message rather than silently ignored.
 UNSUPPORTED = {
-    "torchscript": "TorchScript",
-    "trace": "tracing",
-    "use_bnb_linear": "bitsandbytes int8 linear layers (CUDA-only; not among the pinned dependencies)",
-    "horovod": "Horovod (this trainer runs under torchrun / SLURM with DDP)",
-    "dist_url": "--dist-url (torchrun's environment is used)",
+    "torchscript": "TorchScript is not supported by this trainer (deprecated in PyTorch, and a scripted model "
+                   "cannot carry the text trim and frozen-trunk wrappers); use --torchcompile",
+    "trace": "tracing is not supported by this trainer (see --torchscript); use --torchcompile",
+    "use_bnb_linear": "bitsandbytes int8 linear layers are not supported by this trainer (CUDA-only; not among "
+                      "the pinned dependencies); drop the flag",
+    "horovod": "Horovod is not supported by this trainer (it runs under torchrun / SLURM with DDP); drop the flag",
+    "dist_url": "--dist-url is not supported by this trainer (torchrun's environment gives the rendezvous); "
+                "drop the flag",
 }
 
 
@@ -35,7 +38,7 @@ def refuse_unsupported(args: argparse.Namespace, defaults: Dict[str, Any]) -> No
     for dest, what in UNSUPPORTED.items():
         if hasattr(args, dest) and getattr(args, dest) != defaults.get(dest):
             flag = "--" + dest.replace("_", "-")
-            raise UserError(f"{flag}: {what} is not supported by this trainer; drop the flag")
+            raise UserError(f"{flag}: {what}")
 
 
 def config_from_args(a: argparse.Namespace) -> RunCfg:
