@@ -271,3 +271,14 @@ def test_a_video_without_good_substitute_is_the_blank_video(tmp_path):
     assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
     with pytest.raises(ValueError, match="not in the cache"):
         ff._frames([8], torch.float32)  # not bad, not cached: an error, not a blank
+
+
+@pytest.mark.slow
+def test_resume_continues_on_the_cache(data):
+    root, cache = data, data / "cache_resume"
+    flags = ("--lock-image", "--lock-text", "--frozen-feature-cache", cache, "--skip-scheduler", "--epochs", "2")
+    _run(root, "whole", *flags)
+    _run(root, "part", *flags[:-1], "1")
+    log = _run(root, "part", *flags, "--resume", "latest")
+    assert "resumed" in log and "reusing" in log
+    _same_weights(_weights(root, "whole", 2), _weights(root, "part", 2))

@@ -3,6 +3,10 @@ locked text tower, computed once per sample and read back by sample id, so every
 the trainable modules (the image head, the other tower, the logit scale) without running, or for
 the image side even decoding, the frozen part.
 
+Video runs (--dataset-type msrvtt) cache the image part per frame of each video and the text tower
+per caption: video/frozen.py, the subclass `for_run` picks (frames need no --no-augment: video
+training never augments them).
+
 Valid while the part stays frozen and its input is deterministic: it needs --no-augment, frozen
 modules in eval mode (no --frozen-train-mode) and an objective that does not look at the images
 or tokens itself (a live teacher, head alignment). The cache (video/feature_cache.py's format)
