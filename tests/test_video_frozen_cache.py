@@ -282,3 +282,16 @@ def test_resume_continues_on_the_cache(data):
     log = _run(root, "part", *flags, "--resume", "latest")
     assert "resumed" in log and "reusing" in log
     _same_weights(_weights(root, "whole", 2), _weights(root, "part", 2))
+
+
+@pytest.mark.slow
+def test_whole_image_tower_locked_caches_its_features(data):
+    """Image head locked too (--lock-pattern): the whole tower's output per frame is cached and
+    only the video modules and the logit scale train (the text tower live)."""
+    flags = ("--lock-pattern", r"^visual\.", "--train-num-samples", "36")
+    _run(data, "live_visual", *flags)
+    log = _run(data, "cached_visual", *flags, "--frozen-feature-cache", data / "cache_visual")
+    assert "computed the image tower's visual in" in log
+    m = json.loads((data / "cache_visual" / "manifest.json").read_text())
+    assert m["parts"] == {"image": "visual"} and len(m["tables"]["frames"]["row_shape"]) == 2  # [T, D]
+    _same_weights(_weights(data, "live_visual"), _weights(data, "cached_visual"))
