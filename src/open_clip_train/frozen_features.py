@@ -3,6 +3,10 @@ locked text tower, computed once per sample and read back by sample id, so every
 the trainable modules (the image head, the other tower, the logit scale) without running, or for
 the image side even decoding, the frozen part.
 
+Video runs (--dataset-type msrvtt) cache the image part per frame of each video and the text tower
+per caption: video/frozen.py, the subclass `for_run` picks (frames need no --no-augment: video
+training never augments them).
+
 Valid while the part stays frozen and its input is deterministic: it needs --no-augment, frozen
 modules in eval mode (no --frozen-train-mode) and an objective that does not look at the images
 or tokens itself (a live teacher, head alignment). The cache (video/feature_cache.py's format)
@@ -63,17 +67,20 @@ def frozen_parts(model: nn.Module) -> Dict[str, str]:
 def blockers(cfg, objective) -> List[str]:
     """Why frozen outputs would differ from the live ones (empty: the cache applies)."""
     out = []
-    if not cfg.train.no_augment:
+    video = cfg.video is not None  # frames always go through the eval transform (video/training.py)
+    if not video and not cfg.train.no_augment:
         out.append("training augmentation is on (--no-augment switches it off)")
     if cfg.freeze.frozen_train_mode:
         out.append("--frozen-train-mode keeps frozen modules in train mode")
-    if objective.capture is not None:
+    if getattr(objective, "capture", None) is not None:
         out.append("the objective reads the image trunk's features (head alignment or a sharing teacher)")
-    runner = objective.runner
+    runner = getattr(objective, "runner", None)
     if runner is not None and type(runner).__name__ != "CachedTeacher":
         out.append("a live teacher runs on the batch's images and tokens (--teacher-cache avoids that)")
-    if cfg.data.dataset_type not in ("coco", "csv", "auto") or not cfg.data.train_data:
-        out.append("the training data has no per-sample ids (needs coco or csv data)")
+    if getattr(objective, "live", None) is not None:
+        out.append("a live video teacher runs on the batch's frames and tokens (--teacher-cache avoids that)")
+    if not cfg.data.train_data or cfg.data.dataset_type not in (("msrvtt",) if video else ("coco", "csv", "auto")):
+        out.append("the training data has no per-sample ids (needs coco, csv or msrvtt data)")
     return out
 
 
@@ -133,6 +140,17 @@ def _placeholder(image) -> torch.Tensor:
     return torch.zeros(1)
 
 
+@torch.no_grad()
+def text_rows(model: nn.Module, dataset, rank: int, size: int, device) -> tuple:
+    """Every size-th caption's (from `rank`) sentence ids and un-normalised text features; the
+    dataset's `captions`, `pair_ids` (column 1: caption id) and `tokenizer` (image or video pairs)."""
+    ids = dataset.pair_ids[:, 1].tolist()[rank::size]
+    caps = dataset.captions[rank::size]
+    rows = [model.encode_text(dataset.tokenizer(caps[s:s + EXTRACT_BATCH]).to(device), normalize=False).float().cpu()
+            for s in range(0, len(caps), EXTRACT_BATCH)]
+    return ids, torch.cat(rows) if rows else torch.empty(0, 0)
+
+
 def _image_index(dataset: PairDataset) -> Dict[int, int]:
     """image id -> index into dataset.images (images without captions never appear in a batch)."""
     out = {}
@@ -145,7 +163,11 @@ def _image_index(dataset: PairDataset) -> Dict[int, int]:
 
 class FrozenFeatures:
     """The cache of one run: `prepare` (compute or reuse), `substitute(batches)` per step,
-    `on_unlock(towers)` at an unlock epoch."""
+    `on_unlock(towers)` at an unlock epoch. Image-text here; video/frozen.py overrides the image
+    side's hooks (`expected_meta`, `check_covers`, `_image_work`, `_swaps`, `_stop_decoding`,
+    `substitute`) for per-frame rows."""
+
+    BAD = "bad_images"  # the manifest's list of [id, reason] found bad while computing
 
     def __init__(self, directory: str, parts: Dict[str, str]):
         self.directory, self.parts = Path(directory), dict(parts)
@@ -154,24 +176,30 @@ class FrozenFeatures:
         self._saved: Dict[str, Any] = {}
 
     # ---------------------------------------------------------------- compute / reuse
-    def prepare(self, cfg, model: nn.Module, dataset: PairDataset, world, device) -> None:
+    def expected_meta(self, cfg, model: nn.Module, dataset, dtype: str) -> Dict[str, Any]:
+        return expected_meta(cfg, model, self.parts, dataset, dtype)
+
+    def check_covers(self, dataset) -> None:
+        ids = dataset.pair_ids
+        bad = {int(i) for i, _ in self.cache.manifest.get(self.BAD, [])}
+        if "image" in self.parts:
+            self.cache.check_covers("image", [int(i) for i in ids[:, 0].unique() if int(i) not in bad])
+        if "text" in self.parts:
+            self.cache.check_covers("text", ids[:, 1].tolist())
+
+    def prepare(self, cfg, model: nn.Module, dataset, world, device) -> None:
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        meta = expected_meta(cfg, model, self.parts, dataset, dtype)
+        meta = self.expected_meta(cfg, model, dataset, dtype)
         if not (self.directory / "manifest.json").is_file():
             t0 = time.perf_counter()
-            self._compute(model, dataset, world, device, meta, dtype)
+            self._compute(model, dataset, world, device, meta, dtype, cfg.data.workers)
             self.computed = True
             logging.info(f"frozen-feature cache {self.directory}: computed {self._what()} in "
                          f"{time.perf_counter() - t0:.1f} s")
         try:
             self.cache = FeatureCache(self.directory)
             self.cache.check(meta)
-            ids = dataset.pair_ids
-            bad = {int(i) for i, _ in self.cache.manifest.get("bad_images", [])}
-            if "image" in self.parts:
-                self.cache.check_covers("image", [int(i) for i in ids[:, 0].unique() if int(i) not in bad])
-            if "text" in self.parts:
-                self.cache.check_covers("text", ids[:, 1].tolist())
+            self.check_covers(dataset)
         except ValueError as e:
             raise UserError(f"--frozen-feature-cache: {e}") from None
         if not self.computed:
@@ -180,37 +208,43 @@ class FrozenFeatures:
     def _what(self) -> str:
         return " and ".join(f"the {t} tower's {p}" if p != "text" else "the text tower" for t, p in self.parts.items())
 
+    def _image_run(self, model: nn.Module):
+        """The cached image part's forward on a batch of images."""
+        if self.parts["image"] == "visual.trunk":
+            return model.visual.trunk
+        return lambda x: model.encode_image(x, normalize=False)
+
+    def _image_work(self, model, dataset: PairDataset, rank: int, size: int, device, workers: int):
+        """This rank's image rows {table: (ids, rows)} and its bad images [[id, reason]]."""
+        index = _image_index(dataset)
+        run = self._image_run(model)
+        kept, rows, bad = [], [], []
+        todo = sorted(index)[rank::size]
+        for s in range(0, len(todo), EXTRACT_BATCH):
+            images = []
+            for i in todo[s:s + EXTRACT_BATCH]:
+                try:
+                    images.append(dataset.transform(load_rgb(dataset.images[index[i]])))
+                    kept.append(i)
+                except BadImage as e:
+                    bad.append([i, e.reason])
+            if images:
+                rows.append(run(torch.stack(images).to(device)).float().cpu())
+        return {"image": (kept, torch.cat(rows))}, bad
+
     @torch.no_grad()
-    def _compute(self, model, dataset: PairDataset, world, device, meta, dtype: str) -> None:
-        """Each rank computes every world_size-th image and caption into its own shard."""
+    def _compute(self, model, dataset, world, device, meta, dtype: str, workers: int = 0) -> None:
+        """Each rank computes every world_size-th image (video) and caption into its own shard."""
         rank, size = world.rank, world.world_size
         work: Dict[str, Any] = {}
         bad: List[List[Any]] = []
         was_training = model.training
         model.eval()
         if "image" in self.parts:
-            index = _image_index(dataset)
-            run = model.visual.trunk if self.parts["image"] == "visual.trunk" \
-                else (lambda x: model.encode_image(x, normalize=False))
-            kept, rows = [], []
-            todo = sorted(index)[rank::size]
-            for s in range(0, len(todo), EXTRACT_BATCH):
-                images = []
-                for i in todo[s:s + EXTRACT_BATCH]:
-                    try:
-                        images.append(dataset.transform(load_rgb(dataset.images[index[i]])))
-                        kept.append(i)
-                    except BadImage as e:
-                        bad.append([i, e.reason])
-                if images:
-                    rows.append(run(torch.stack(images).to(device)).float().cpu())
-            work["image"] = (kept, torch.cat(rows))
+            image_work, bad = self._image_work(model, dataset, rank, size, device, workers)
+            work.update(image_work)
         if "text" in self.parts:
-            ids = dataset.pair_ids[:, 1].tolist()[rank::size]
-            caps = dataset.captions[rank::size]
-            rows = [model.encode_text(dataset.tokenizer(caps[s:s + EXTRACT_BATCH]).to(device), normalize=False).cpu()
-                    for s in range(0, len(caps), EXTRACT_BATCH)]
-            work["text"] = (ids, torch.cat(rows))
+            work["text"] = text_rows(model, dataset, rank, size, device)
         model.train(was_training)
         writer = FeatureShardWriter(self.directory, rank, {t: (len(i), tuple(f.shape[1:])) for t, (i, f) in work.items()},
                                     dtype=dtype)
@@ -219,7 +253,7 @@ class FrozenFeatures:
         writer.finish()
         all_bad = dist_env.all_gather_object(bad)
         if world.is_master:
-            write_manifest(self.directory, {**meta, "bad_images": [b for part in all_bad for b in part]}, size, dtype)
+            write_manifest(self.directory, {**meta, self.BAD: [b for part in all_bad for b in part]}, size, dtype)
         dist_env.barrier()
 
     # ---------------------------------------------------------------- train on the cache
@@ -251,17 +285,24 @@ class FrozenFeatures:
         finally:
             self._install(model)
 
-    def activate(self, model: nn.Module, dataset: PairDataset) -> None:
+    def _stop_decoding(self, dataset: PairDataset) -> Any:
+        """Make the dataset skip decoding (bad images still raise); returns what to restore."""
+        index = _image_index(dataset)
+        bad = {dataset.images[index[int(i)]]: r for i, r in self.cache.manifest.get(self.BAD, []) if int(i) in index}
+        saved = (dataset.decode, dataset.transform)
+        dataset.decode, dataset.transform = _KnownBadDecoder(bad), _placeholder
+        return saved
+
+    def _resume_decoding(self, dataset: PairDataset, saved: Any) -> None:
+        dataset.decode, dataset.transform = saved
+
+    def activate(self, model: nn.Module, dataset) -> None:
         """Swap the cached parts' forwards and stop decoding images a cached tower would not use."""
         self._install(model)
         if "image" in self.parts:
-            index = _image_index(dataset)
-            bad = {dataset.images[index[int(i)]]: r for i, r in self.cache.manifest.get("bad_images", [])
-                   if int(i) in index}
-            self._saved["dataset"] = (dataset.decode, dataset.transform)
-            dataset.decode, dataset.transform = _KnownBadDecoder(bad), _placeholder
+            self._saved["dataset"] = self._stop_decoding(dataset)
 
-    def on_unlock(self, towers: Sequence[str], model: nn.Module, dataset: PairDataset) -> bool:
+    def on_unlock(self, towers: Sequence[str], model: nn.Module, dataset) -> bool:
         """Cached towers that now train run live again; True when the images must be decoded again
         (the caller rebuilds its loader: persistent workers hold the old dataset)."""
         reload = False
@@ -270,7 +311,7 @@ class FrozenFeatures:
             self.parts.pop(tower)
             self._install(model)
             if tower == "image":
-                dataset.decode, dataset.transform = self._saved.pop("dataset")
+                self._resume_decoding(dataset, self._saved.pop("dataset"))
                 reload = True
             logging.info(f"frozen-feature cache: the {tower} tower unlocks; its frozen outputs are computed live "
                          "from here on")
@@ -292,6 +333,15 @@ class FrozenFeatures:
     @property
     def active(self) -> bool:
         return bool(self.parts)
+
+
+def for_run(cfg, parts: Dict[str, str]) -> FrozenFeatures:
+    """The run's cache: image-text, or per frame for --dataset-type msrvtt (video/frozen.py)."""
+    if cfg.video is not None:
+        from .video.frozen import VideoFrozenFeatures
+
+        return VideoFrozenFeatures(cfg.train.frozen_feature_cache, parts)
+    return FrozenFeatures(cfg.train.frozen_feature_cache, parts)
 
 
 def rebuild_loader(loader: DataLoader) -> DataLoader:

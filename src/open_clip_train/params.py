@@ -245,8 +245,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         help="Use the evaluation transform for training (no random augmentation).")
     g.add_argument(
         "--frozen-feature-cache", default=None, metavar="DIR",
-        help="With --no-augment and a locked image trunk and/or text tower: compute their outputs once into DIR "
-             "(reused by later runs and resumes while its manifest matches) and train the rest on them.")
+        help="With --no-augment (implied for --dataset-type msrvtt) and a locked image trunk and/or text tower: "
+             "compute their outputs (per image or per video frame, per caption) once into DIR (reused by later "
+             "runs and resumes while its manifest matches) and train the rest on them.")
     g.add_argument(
         "--max-bad-samples-fraction", type=_fraction, default=0.01, metavar="F",
         help="Bad samples (missing/empty/truncated/undecodable images, empty captions, broken shard "

@@ -217,8 +217,9 @@ def _check_teacher_cache(cfg: RunCfg) -> None:
 def _check_frozen_feature_cache(cfg: RunCfg, skeleton: torch.nn.Module, plan) -> None:
     """--frozen-feature-cache before any weights or images are read: that it applies (locked part,
     deterministic input, an objective that does not read images itself) and, for an existing
-    cache, the manifest's model, precision and training data. Its weights hash is checked once the
-    model is built (frozen_features.FrozenFeatures.prepare)."""
+    cache, the manifest's model, precision and training data (for video also the frame source,
+    sampling, --max-frames and --max-words). Its weights hash is checked once the model is built
+    (frozen_features.FrozenFeatures.prepare)."""
     from .data import resolve_dataset_type, train_captioned
     from .distill.cache import file_sha256
     from .distill.cache import image_root_of
@@ -228,7 +229,7 @@ def _check_frozen_feature_cache(cfg: RunCfg, skeleton: torch.nn.Module, plan) ->
 
     t, data, obj = cfg.train, cfg.data, cfg.objective
     flag = "--frozen-feature-cache"
-    if not t.no_augment:
+    if not t.no_augment and cfg.video is None:  # video frames always use the eval transform
         raise UserError(f"{flag} needs --no-augment: with random augmentation the frozen outputs change every epoch")
     if cfg.model.torchcompile:  # the cache swaps forwards in and out, which a compiled graph would not see
         raise UserError(f"{flag} cannot be used with --torchcompile: the cached run skips the frozen part the "
@@ -240,20 +241,28 @@ def _check_frozen_feature_cache(cfg: RunCfg, skeleton: torch.nn.Module, plan) ->
         raise UserError(f"{flag}: this objective runs on the images themselves (a live teacher or --headalign); "
                         "use --teacher-cache for the teacher, or drop the flag")
     kind = resolve_dataset_type(data.dataset_type, data.train_data or "") if data.train_data else data.dataset_type
-    if kind not in ("coco", "csv"):
-        raise UserError(f"{flag} needs coco or csv training data (samples keyed by stable ids), not {kind}")
+    if cfg.video is None and kind not in ("coco", "csv"):
+        raise UserError(f"{flag} needs coco, csv or msrvtt training data (samples keyed by stable ids), not {kind}")
+    if cfg.video is not None and not data.train_data:
+        raise UserError(f"{flag} needs --train-data (it caches the training videos' frames and captions)")
     apply_trainable(skeleton, list(plan.rules_at(0)))
-    if not frozen_parts(skeleton) and not any(u.epoch == 0 for u in plan.unlocks):
+    parts = frozen_parts(skeleton)
+    if not parts and not any(u.epoch == 0 for u in plan.unlocks):
         raise UserError(f"{flag}: neither the image trunk nor the text tower is locked; lock one (--lock-image, "
                         "--lock-text) or drop the flag")
     if not (Path(t.frozen_feature_cache) / "manifest.json").is_file():
         return  # computed on first use
     try:
         cache = FeatureCache(t.frozen_feature_cache)
-        expected = {"model": cfg.model.name, "precision": cfg.model.precision,
-                    "data.annotations_sha256": file_sha256(data.train_data)}
-        if "image" in cache.manifest.get("parts", {}):
-            expected["data.image_root"] = image_root_of(train_captioned(data).images)
+        if cfg.video is not None:
+            from .video.frozen import data_fields
+
+            expected = data_fields(cfg, {k: v for k, v in parts.items() if k in cache.manifest.get("parts", {})})
+        else:
+            expected = {"model": cfg.model.name, "precision": cfg.model.precision,
+                        "data.annotations_sha256": file_sha256(data.train_data)}
+            if "image" in cache.manifest.get("parts", {}):
+                expected["data.image_root"] = image_root_of(train_captioned(data).images)
         cache.check(expected)
     except ValueError as e:
         raise UserError(f"{flag}: {e}") from None

@@ -417,7 +417,7 @@ class Trainer:
             raise UserError("--frozen-feature-cache: neither the image trunk nor the text tower is locked for this "
                             "phase; lock one (--lock-image, --lock-text) or drop the flag")
         dataset = self.train_data.dataloader.dataset
-        self.features = frozen_features.FrozenFeatures(cfg.train.frozen_feature_cache, parts)
+        self.features = frozen_features.for_run(cfg, parts)
         self.features.prepare(cfg, self.model, dataset, self.world, self.device)
         self.features.activate(self.model, dataset)
         if "image" in parts:
@@ -684,7 +684,7 @@ class Trainer:
     def _video_metrics(self, epoch: int) -> Dict[str, float]:
         """MSR-VTT retrieval: the msrvtt_* keys (video/metrics.py), bad videos left out."""
         cfg, bad = self.cfg, BadTally()
-        with user_errors("--val-data"):
+        with user_errors("--val-data"), self._live():
             metrics = video_training.evaluate(self.model, self.val_data, self.world, self.device, cfg.model.precision,
                                               cfg.data.batch_size, cfg.data.workers, cfg.eval.chunk_size, bad)
         self.bad_budget.check_eval(epoch, self.val_data.dropped, bad, video_training.evaluated_entries(metrics))

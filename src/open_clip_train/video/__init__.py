@@ -7,7 +7,8 @@ data), pooling (mean / seqtransf / afa), model (attach_video: the VideoCLIP meth
 
 TeachCLIP distillation: distill_loss (ground truth + coarse + fine terms), teacher (the video
 teacher interface, per-frame open_clip teacher), xclip (an X-CLIP checkpoint as a teacher),
-teacher_cache (pre-extracted teacher features), feature_cache (frozen-encoder outputs).
+teacher_cache (pre-extracted teacher features), feature_cache (frozen-encoder outputs), frozen
+(--frozen-feature-cache per frame and caption).
 """
 from .frames import BadVideo, FrameSpec
 from .metrics import format_seed, video_retrieval_metrics

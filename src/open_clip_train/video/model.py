@@ -74,10 +74,12 @@ class VideoCLIPMixin:
                 frame_mask: torch.Tensor | None = None):
         """5-D `image` = frames: open_clip's output dict with the video features as image_features,
         plus `frame_weights` [B, T] (and `frame_scores` for AFA). 4-D images: the model's own forward.
-        A (frames, mask) pair (the trainer's `VideoFrames`) is taken apart here, so callers pass one input."""
-        if isinstance(image, tuple):
+        A (frames, mask) pair (the trainer's `VideoFrames`) is taken apart here, so callers pass one input;
+        it is always video (its frames may be a frozen-feature cache's rows, video/frozen.py)."""
+        pair = isinstance(image, tuple)
+        if pair:
             image, frame_mask = image
-        if image is None or image.ndim != 5:
+        if not pair and (image is None or image.ndim != 5):
             return super().forward(image, text)
         pooled = self.pool_video(image, frame_mask)
         out = {
