@@ -265,12 +265,12 @@ def test_a_video_without_good_substitute_is_the_blank_video(tmp_path):
     write_manifest(tmp_path, {"bad_videos": [[9, "empty file"]]}, 1, "float32")
     ff = VideoFrozenFeatures(str(tmp_path), {"image": "visual"})
     ff.cache, ff._bad = FeatureCache(tmp_path), frozenset({9})
-    frames, mask = ff._frames([7, 9, 5], torch.float32)
+    frames, mask = ff._image_rows([7, 9, 5], torch.float32)
     assert torch.equal(frames[0], rows[1]) and torch.equal(frames[2], rows[0])
     assert torch.equal(frames[1], pad.expand(3, 4))
     assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
     with pytest.raises(ValueError, match="not in the cache"):
-        ff._frames([8], torch.float32)  # not bad, not cached: an error, not a blank
+        ff._image_rows([8], torch.float32)  # not bad, not cached: an error, not a blank
 
 
 @pytest.mark.slow

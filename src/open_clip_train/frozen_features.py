@@ -317,6 +317,10 @@ class FrozenFeatures:
                          "from here on")
         return reload
 
+    def _image_rows(self, ids: List[int], dtype: torch.dtype):
+        """What the model reads in place of the batch's images (the video side: frame rows and masks)."""
+        return self.cache.get("image", ids).to(dtype)
+
     def substitute(self, batches: List, dtype: Optional[torch.dtype]) -> List:
         """Each (images, tokens, ids) batch with the cached rows in place of what the frozen parts read."""
         out = []
@@ -324,7 +328,7 @@ class FrozenFeatures:
             fields = list(b)
             ids = fields[2]
             if "image" in self.parts:
-                fields[0] = self.cache.get("image", ids[:, 0].tolist()).to(dtype or torch.float32)
+                fields[0] = self._image_rows(ids[:, 0].tolist(), dtype or torch.float32)
             if "text" in self.parts:
                 fields[1] = self.cache.get("text", ids[:, 1].tolist()).to(dtype or torch.float32)
             out.append(Batch(fields, getattr(b, "bad", ())))

@@ -18,7 +18,7 @@ is the part checked in pre-flight, before the model is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.bad_samples import BadImage, Batch
+from ..data.bad_samples import BadImage
 from ..distill.cache import file_sha256, preprocess_fields
 from ..frozen_features import EXTRACT_BATCH, FrozenFeatures, _Identity, _NormaliseOnly, _part_weights, _placeholder
 from .dataset import _blank
@@ -200,7 +200,7 @@ class VideoFrozenFeatures(FrozenFeatures):
     def _resume_decoding(self, dataset, saved: Any) -> None:
         dataset.frames, dataset.transform = saved
 
-    def _frames(self, numbers: List[int], dtype: torch.dtype) -> VideoFrames:
+    def _image_rows(self, numbers: List[int], dtype: torch.dtype) -> VideoFrames:
         """Cached rows and masks; a bad video that is in a batch (all its substitutes were bad too)
         is the live run's blank video: padding frames, frame 0 unmasked."""
         blank = [n not in self.cache.index["frames"] and n in self._bad for n in numbers]
@@ -219,15 +219,3 @@ class VideoFrozenFeatures(FrozenFeatures):
             mask[good] = self.cache.get("frame_mask", kept).bool()
         return VideoFrames(rows, mask)
 
-    def substitute(self, batches: List, dtype: Optional[torch.dtype]) -> List:
-        """Each (VideoFrames, tokens, ids) batch with cached frame rows (and masks) and/or text rows."""
-        out = []
-        for b in batches:
-            fields = list(b)
-            ids = fields[2]
-            if "image" in self.parts:
-                fields[0] = self._frames(ids[:, 0].tolist(), dtype or torch.float32)
-            if "text" in self.parts:
-                fields[1] = self.cache.get("text", ids[:, 1].tolist()).to(dtype or torch.float32)
-            out.append(Batch(fields, getattr(b, "bad", ())))
-        return out
