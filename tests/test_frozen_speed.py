@@ -168,7 +168,8 @@ def test_retained_memory_is_reused_without_page_faults():
 
     pages = (32 << 20) // 4096
     assert faults_per_step("default") > pages  # glibc maps the 32 MiB temporaries afresh every step
-    assert faults_per_step("retain") < 0.01 * pages  # the freed blocks are reused
+    # reused: at most a tenth of a fresh mapping (a loaded machine adds a few hundred faults of its own)
+    assert faults_per_step("retain") < 0.1 * pages
 
 
 def test_adamw_is_fused_when_every_param_allows_it():
