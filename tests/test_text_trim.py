@@ -1,11 +1,14 @@
 """Causal text towers run on the batch's prefix up to its last EOS (models/text_trim.py): same
 features and gradients as the full context, fewer positions through the transformer."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from open_clip.model import CLIP
 from open_clip_train.models import create_model, get_tokenizer
-from open_clip_train.models.text_trim import ROUND, prefix_length, set_text_padding_trim, text_padding_trim
+from open_clip_train.models.text_trim import (ROUND, caller_trims, host_prefix_length, prefix_length,
+                                              set_text_padding_trim, text_padding_trim)
 from open_clip_train.params import parse_args
 
 CAPTIONS = ["a dog", "two red squares and a small blue circle", "x", "a cat on a mat"]
@@ -46,6 +49,38 @@ def test_trimmed_text_gives_the_full_length_features_and_gradients(name, gpt2_to
     assert g_trim.keys() == g_full.keys() and any(k.endswith("token_embedding.weight") or "wte" in k for k in g_trim)
     for k in g_full:
         torch.testing.assert_close(g_trim[k], g_full[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("name", ["tiny-convnext-cliptext", "tiny-convnext-gpt2"])
+def test_the_prefix_found_on_the_host_gives_the_towers_own_trim_without_a_read(name, gpt2_tokenizer_dir):
+    """The trainer's path: host_prefix_length on the batch's host copy, the sliced tokens to the
+    tower inside caller_trims. Same sequence length, features and gradients as the tower's own
+    trim, and the tower reads nothing from its input (on a GPU, a wait for the queued kernels)."""
+    import transformers
+    from test_host_reads import TORCH_DIR, HostReads
+
+    # transformers' GPT-2 itself reads its position ids each forward (a packed-sequence check that
+    # only a prepared 4D mask skips): not ours to remove, so not counted here
+    ignore = (TORCH_DIR, str(Path(transformers.__file__).parent))
+
+    torch.manual_seed(0)
+    model, _ = create_model(name)
+    model.eval()
+    text = get_tokenizer(name, text_tokenizer=str(gpt2_tokenizer_dir))(CAPTIONS)
+    own, g_own, seen_own = _run(model, text)
+    n = host_prefix_length(model, text)
+    assert [n] == seen_own and n < 32
+    with caller_trims(model), HostReads(ignore) as reads:
+        host, g_host, seen_host = _run(model, text[:, :n])
+    assert seen_host == [n] and reads.seen == []
+    torch.testing.assert_close(host, own, rtol=0, atol=0)
+    assert g_host.keys() == g_own.keys()
+    for k in g_own:
+        torch.testing.assert_close(g_host[k], g_own[k], rtol=0, atol=0, msg=k)
+    # outside the context the tower trims by itself again; a tower that does not trim: no prefix
+    assert not any(m.caller_trimmed for m in (model, getattr(model, "text", None)) if hasattr(m, "caller_trimmed"))
+    set_text_padding_trim(model, False)
+    assert host_prefix_length(model, text) is None
 
 
 def test_a_caption_filling_the_context_keeps_the_full_length():

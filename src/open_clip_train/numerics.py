@@ -82,7 +82,7 @@ def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tens
                   scaler_active: bool, bad_samples: int, device: torch.device,
                   stop_signum: int = 0) -> StepAgreement:
     """The step's decisions from ONE all-reduce of [loss flag, gradient flag, bad samples, one count
-    per stop signal], the only host sync of a training step besides reading the loss values.
+    per stop signal], the only host sync of a training step (the loss terms are read at log steps).
     Gradients are only checked without a scaler (the scaler handles them), through clipping's
     total norm when clipping is on, else one fused norm over `params`."""
     loss_ok = all_finite(list(terms.values()))
@@ -102,10 +102,9 @@ def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tens
     return StepAgreement(flags[0] > 0, flags[1] > 0, int(flags[2]), stop)
 
 
-def skip_step(optimizer: torch.optim.Optimizer, scaler, unscaled: bool) -> None:
-    """No update from this step; with a grad scaler its bookkeeping stays whole (this step found inf)."""
+def skip_step(optimizer: torch.optim.Optimizer, scaler) -> None:
+    """No update from this step; with a grad scaler (already unscaled: the trainer unscales before
+    the agreement) its bookkeeping stays whole (this step found inf)."""
     if scaler is not None:
-        if not unscaled:
-            scaler.unscale_(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)

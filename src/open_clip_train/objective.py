@@ -162,6 +162,11 @@ class Objective:
         logging.info(f"headalign: aligning the new head to {cfg.pretrained}'s image head "
                      f"({cfg.headalign.mode}, weight {cfg.headalign.weight})")
 
+    @property
+    def student_only_tokens(self) -> bool:
+        """Whether the batch's tokens reach the student alone (no live teacher reads them)."""
+        return self.pair is None
+
     # ------------------------------------------------------------------ per batch
     def _split(self, tokens: torch.Tensor):
         if self.pair is None:
@@ -170,15 +175,23 @@ class Objective:
             return tokens, tokens
         return self.pair.split(tokens)
 
-    def _teacher(self, images, t_tok, out, feats, ids):
-        return self.runner(images, t_tok, out, feats, ids=ids)
+    def _teacher(self, images, t_tok, out, feats, ids, early=None):
+        return early if early is not None else self.runner(images, t_tok, out, feats, ids=ids)
+
+    def _teacher_early(self, images, t_tok, ids):
+        """A teacher that needs nothing from the student (a cache) runs before the student's
+        forward: its rows' copy to the device then waits on no queued student kernels."""
+        if self.runner is None or getattr(self.runner, "reads_student", True):
+            return None
+        return self.runner(images, t_tok, None, None, ids=ids)
 
     def terms(self, net, images: torch.Tensor, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> Terms:
         s_tok, t_tok = self._split(tokens)
+        early = self._teacher_early(images, t_tok, ids)
         out = net(images, s_tok)
         feats = self.capture.pop() if self.capture is not None else None
         if self.runner is not None:
-            terms = self.loss(out, self._teacher(images, t_tok, out, feats, ids))
+            terms = self.loss(out, self._teacher(images, t_tok, out, feats, ids, early))
         else:
             terms = self.loss(out)
         if self.headalign is not None:
@@ -189,11 +202,12 @@ class Objective:
     def cache_micro(self, net, images: torch.Tensor, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> dict:
         """No-grad pass of gradient-cache accumulation: everything the grad pass reuses."""
         s_tok, t_tok = self._split(tokens)
+        early = self._teacher_early(images, t_tok, ids)
         out = net(images, s_tok)
         feats = self.capture.pop() if self.capture is not None else None
         entry = {k: out[k] for k in ("image_features", "text_features")}
         if self.runner is not None:
-            entry["teacher"] = self._teacher(images, t_tok, out, feats, ids)
+            entry["teacher"] = self._teacher(images, t_tok, out, feats, ids, early)
         if self.headalign is not None:
             entry["reference"] = self.reference(feats)
         return entry

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
+import torch
+
 
 def is_terminal(stream: TextIO) -> bool:
     try:
@@ -89,7 +91,7 @@ class ProgressLine:
             h.removeFilter(self._filter)
         self._handlers = []
 
-    def update(self, step: int, loss: float, samples: int) -> None:
+    def update(self, step: int, loss: float | torch.Tensor, samples: int) -> None:
         """After step `step` (1-based) of this epoch, which trained `samples` samples (all ranks)."""
         if not self.active:
             return
@@ -141,16 +143,25 @@ class IntervalMeter:
     samples: int = 0
     steps: int = 0
     data_time: float = 0.0
-    losses: Dict[str, float] = field(default_factory=dict)
+    # Sums in float64 where the terms live (the device): adding them costs no host read, and
+    # the sums equal Python's float sums of the same values, term by term.
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     loss_steps: int = 0  # steps whose losses are in `losses` (a skipped non-finite step's are not)
 
-    def add(self, samples: int, terms: Dict[str, float], data_time: float) -> None:
+    def add(self, samples: int, terms: Dict[str, torch.Tensor | float], data_time: float) -> None:
         self.samples += samples
         self.steps += 1
         self.data_time += data_time
         self.loss_steps += bool(terms)
         for k, v in terms.items():
-            self.losses[k] = self.losses.get(k, 0.0) + v
+            v = torch.as_tensor(v).detach().to(torch.float64)
+            self.losses[k] = self.losses[k] + v if k in self.losses else v
+
+    def mean_losses(self, device: torch.device) -> torch.Tensor:
+        """The interval's mean of each term, in the order of `losses`, one float64 vector."""
+        if not self.losses:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.stack([v.to(device) for v in self.losses.values()]) / max(self.loss_steps, 1)
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.t0, 1e-9)

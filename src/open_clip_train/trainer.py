@@ -50,7 +50,8 @@ from .preempt import StopRequest, signal_name
 from .distill.cache import augmentation_notice
 from .models import create_model, get_preprocess, get_tokenizer, loss_model_kwargs
 from .model_overrides import create_model_kwargs, tokenizer_context_length, transforms
-from .models.text_trim import ROUND as TEXT_TRIM_ROUND, set_text_padding_trim
+from .models.text_trim import ROUND as TEXT_TRIM_ROUND
+from .models.text_trim import caller_trims, host_prefix_length, set_text_padding_trim, text_padding_trim
 from .optim import add_groups, apply_lr, build_optimizer, check_coverage, group_layout, group_table, groups_from_layout, make_groups
 from .precision import autocast, grad_scaler, input_dtype
 from .preflight import user_errors
@@ -134,6 +135,8 @@ class Trainer:
                                                    device, self.tokenizer)
         else:
             self.objective = Objective(cfg.objective, self.model, world, device, self.tokenizer)
+        # the text trim's prefix from the batch's host tokens, where only the student reads them
+        self.host_trim = text_padding_trim(self.model) and self.objective.student_only_tokens
         notice = augmentation_notice(not cfg.train.no_augment) if self.objective.needs_ids else None
         if notice:
             logging.warning(notice)
@@ -489,7 +492,8 @@ class Trainer:
                 if steps_done % cfg.train.log_every_n_steps == 0 or last:
                     self._log_progress(epoch, steps_done, steps_done - start, meter, epoch_t0)
                     meter = IntervalMeter()
-                progress.update(steps_done, sum(terms.values()), cfg.train.batch_size * accum * self.world.world_size)
+                if progress.active:  # the loss is read only when the line is redrawn
+                    progress.update(steps_done, sum(terms.values()), cfg.train.batch_size * accum * self.world.world_size)
                 if self._step_boundary(epoch, steps_done):
                     return True
                 t_data = time.perf_counter()
@@ -544,27 +548,31 @@ class Trainer:
         base = self.cfg.optim.lr if self.cfg.train.skip_scheduler else lr_at(step, self.schedule)
         apply_lr(self.optimizer, step, base)
 
-    def train_step(self, batches: List) -> Dict[str, float]:
-        """One optimizer step over `accum_freq` micro-batches; returns the loss terms."""
+    def train_step(self, batches: List) -> Dict[str, torch.Tensor]:
+        """One optimizer step over `accum_freq` micro-batches; returns the loss terms as 0-dim
+        tensors on the device (read at log steps only: the step's one host sync is the agreement)."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         dtype = input_dtype(cfg.model.precision)
         if self.features is not None and self.features.active:
             batches = self.features.substitute(batches, dtype)
         # (images, tokens[, ids]): sample ids stay on the CPU, where a teacher cache is read
-        moved = [(b[0].to(self.device, dtype=dtype, non_blocking=True), b[1].to(self.device, non_blocking=True),
+        moved = [(b[0].to(self.device, dtype=dtype, non_blocking=True), self._move_tokens(b[1]),
                   b[2] if len(b) > 2 else None) for b in batches]
-        if len(moved) == 1:
-            terms = self._forward_backward(*moved[0])
-        else:
-            terms = self._forward_backward_accum(moved)
+        with caller_trims(self.model, self.host_trim):
+            if len(moved) == 1:
+                terms = self._forward_backward(*moved[0])
+            else:
+                terms = self._forward_backward_accum(moved)
         if self.verify_grads:
             self._check_grads()
             self.verify_grads = False
         grad_norm = None
+        if self.scaler is not None:
+            # Unscaled before the agreement's read-back, so the scaler's own read of its inf flags
+            # in `step` finds them computed and adds no second wait for the device.
+            self.scaler.unscale_(self.optimizer)
         if cfg.train.grad_clip_norm is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
             grad_norm = self._clip()
         bad = self.bad_budget.add_batches(batches)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -575,10 +583,10 @@ class Trainer:
         loss_bad, grads_bad, bad_total = agreed.loss_bad, agreed.grads_bad, agreed.bad_samples
         self.bad_budget.check(bad_total, self.train_data.num_samples, self.where.split(",")[0])
         if is_failure(not loss_bad, not grads_bad, self.scaler is not None):
-            skip_step(self.optimizer, self.scaler, unscaled=grad_norm is not None)
+            skip_step(self.optimizer, self.scaler)
             self.nonfinite.failed("loss" if loss_bad else "gradient", self.step, self.where,
                                   {k: float(v) for k, v in terms.items()}, self._last_good_checkpoint())
-            return {k: float(v) for k, v in terms.items()}
+            return terms
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
             self.scaler.update()
@@ -586,7 +594,13 @@ class Trainer:
             self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
-        return {k: float(v) for k, v in terms.items()}
+        return terms
+
+    def _move_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """To the device, trimmed to the text tower's prefix found on the host copy (text_trim)."""
+        n = host_prefix_length(self.model, tokens) if self.host_trim else None
+        moved = tokens.to(self.device, non_blocking=True)  # whole, from pinned memory; the slice is a view
+        return moved[:, :n] if n is not None else moved
 
     def _clip(self) -> torch.Tensor:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -625,8 +639,7 @@ class Trainer:
         # Each rank's loss covers its local rows (--local-loss); the mean over ranks is the
         # global batch's loss, so the logged value does not depend on how the batch is split.
         names = list(meter.losses)
-        means = dist_env.all_reduce_mean(
-            torch.tensor([meter.losses[k] / meter.loss_steps for k in names], dtype=torch.float64, device=self.device))
+        means = dist_env.all_reduce_mean(meter.mean_losses(self.device))
         per_step_samples = self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
         log = TrainLog(
             epoch=epoch, step=self.step, epoch_step=steps_done, steps_per_epoch=total_steps,

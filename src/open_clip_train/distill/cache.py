@@ -397,6 +397,8 @@ class CachedTeacher:
     ([N, 2] (image id, caption id), the training data's `with_ids`); images and texts are not
     looked at. Each call reads only the rows of that batch from the memory-mapped shards."""
 
+    reads_student = False  # the objective may call it before the student's forward
+
     def __init__(self, cache: TeacherCache, device: str | torch.device = "cpu"):
         self.cache, self.device = cache, torch.device(device)
         self.rows_read = 0

@@ -167,6 +167,8 @@ class TeacherRunner:
     (TrunkCapture.pop()); either may be None, then that part is computed.
     """
 
+    reads_student = True  # may reuse the student's outputs: called after its forward
+
     def __init__(self, teacher: Teacher, plan: Optional[SharingPlan] = None):
         self.teacher = teacher
         self.plan = plan

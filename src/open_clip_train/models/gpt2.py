@@ -39,6 +39,7 @@ class GPT2TextTower(nn.Module):
     Runs on the batch's prefix up to its last EOS (text_trim: the padding after it changes nothing)."""
 
     trim_text_padding: bool = True
+    caller_trimmed: bool = False  # text_trim.caller_trims: the tokens come trimmed already
 
     def __init__(
             self,
@@ -70,6 +71,9 @@ class GPT2TextTower(nn.Module):
             proj_type=text_cfg.get("proj_type", "mlp"),
         )
 
+    def trim_pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.first_eos_index(tokens)
+
     def first_eos_index(self, tokens: torch.Tensor) -> torch.Tensor:
         """Index of each row's first EOS; the last position for rows without one (truncated input)."""
         is_eos = tokens == self.eos_token_id
@@ -78,12 +82,12 @@ class GPT2TextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         eos_idx = self.first_eos_index(tokens)
-        if self.trim_text_padding:
+        if self.trim_text_padding and not self.caller_trimmed:  # else trimmed on the host (text_trim)
             tokens = tokens[:, :prefix_length(eos_idx, tokens.shape[1])]
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        # Causality already hides later padding from the pooled position; the mask states it explicitly.
-        attention_mask = (positions[None, :] <= eos_idx[:, None]).long()
-        hidden = self.transformer(input_ids=tokens, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # No padding mask: causality already hides the padding after each row's EOS from its pooled
+        # position, and with a mask transformers reads it on the host to choose the attention path
+        # (a wait for the device on every step).
+        hidden = self.transformer(input_ids=tokens, use_cache=False).last_hidden_state
         pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), eos_idx]
         return self.proj(pooled)
 

@@ -7,12 +7,18 @@ tower on that prefix gives the same features and the same gradients (up to float
 order) for a fraction of the text tower's cost. The prefix is rounded up to a multiple of
 `ROUND` so compiled models see few distinct shapes. `--no-trim-text-padding` runs the full length.
 
+Finding the prefix reads the pooled positions. On a GPU, reading them from the device tokens in
+the forward would make the host wait for the image tower queued before it, so the trainer finds
+the prefix on the batch's host copy (`host_prefix_length`), hands the tower the trimmed tokens,
+and inside `caller_trims(model)` the tower runs the tokens it is given as they are, without a read.
+
 Applies to open_clip's CLIP text (causal mask, argmax/eos pooling) and to our GPT-2 tower.
 Bidirectional towers (HF BERT-likes) and other pool types always run the full length.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +43,12 @@ class TrimmedTextCLIP(CLIP):
     """
 
     trim_text_padding: bool = True
+    caller_trimmed: bool = False  # set inside `caller_trims`: the tokens come trimmed already
 
-    def _pool_index(self, text: torch.Tensor) -> Optional[torch.Tensor]:
+    def trim_pool_index(self, text: torch.Tensor) -> Optional[torch.Tensor]:
+        """Each row's pooled position, or None where trimming cannot apply to this batch."""
+        if self.attn_mask is None:  # a causal mask is what makes the positions after it irrelevant
+            return None
         if self.text_pool_type == "argmax":
             return text.argmax(dim=-1)
         eos = getattr(self, "text_eos_id", None)
@@ -49,10 +59,11 @@ class TrimmedTextCLIP(CLIP):
         return None
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        # a causal mask is what makes the positions after the pooled token irrelevant
-        index = self._pool_index(text) if self.trim_text_padding and self.attn_mask is not None else None
-        n = prefix_length(index, text.shape[1]) if index is not None else text.shape[1]
-        if n >= text.shape[1]:
+        n = text.shape[1]
+        if self.trim_text_padding and not self.caller_trimmed:
+            index = self.trim_pool_index(text)
+            n = prefix_length(index, n) if index is not None else n
+        if n >= self.positional_embedding.shape[0] or self.attn_mask is None:
             return super().encode_text(text, normalize)
         text = text[:, :n]
         cast_dtype = self.transformer.get_cast_dtype()
@@ -75,6 +86,37 @@ def adopt(model: nn.Module) -> nn.Module:
     if type(model) is CLIP:
         model.__class__ = TrimmedTextCLIP
     return model
+
+
+def host_prefix_length(model: nn.Module, tokens: torch.Tensor) -> Optional[int]:
+    """The prefix of `tokens` (the batch's host copy, [B, L] at the context length) that `model`'s
+    trimming text tower needs, or None where it does not trim this batch. Reads `tokens` on the
+    host, so call it before the tokens move to the device."""
+    modules = [m for m in _trimming_modules(model) if m.trim_text_padding]
+    if not modules or tokens.dim() != 2 or tokens.is_floating_point():  # not tokens: cached features
+        return None
+    needed = []
+    for m in modules:
+        if tokens.shape[1] != m.context_length:
+            return None
+        index = m.trim_pool_index(tokens)
+        if index is None:
+            return None
+        needed.append(prefix_length(index, tokens.shape[1]))
+    return max(needed)
+
+
+@contextlib.contextmanager
+def caller_trims(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within: `model`'s trimming tower takes its tokens as trimmed already (by `host_prefix_length`)."""
+    modules = _trimming_modules(model) if enabled else []
+    for m in modules:
+        m.caller_trimmed = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.caller_trimmed = False
 
 
 def _trimming_modules(model: nn.Module) -> list[nn.Module]:

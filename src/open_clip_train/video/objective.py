@@ -111,6 +111,10 @@ class VideoDistillObjective:
         kept = tokens[:, :self.max_words]
         return torch.nn.functional.pad(kept, (0, self.token_len - kept.shape[1]))
 
+    @property
+    def student_only_tokens(self) -> bool:
+        return self.live is None  # a live teacher reads the student's tokens
+
     # ------------------------------------------------------------------ per batch
     def _targets(self, frames, mask, tokens, ids) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Every teacher's global [B, B] logits and [B, T] relevance."""
@@ -124,7 +128,8 @@ class VideoDistillObjective:
             return [self.live.similarity(g.video, g.text)], [self.live.relevance(g.video, g.text)]
         if ids is None:
             raise RuntimeError("a cached video teacher needs the batch's ids")
-        ids = _gather(ids.to(self.device), self.world).cpu()
+        if self.world.world_size > 1:  # gathered on the device (NCCL), read back at once
+            ids = _gather(ids.to(self.device), self.world).cpu()
         videos = [self.video_ids[int(n)] for n in ids[:, 0]]
         sen = ids[:, 1].tolist()
         out = [t.targets(videos, sen) for t in self.teachers]
@@ -132,13 +137,15 @@ class VideoDistillObjective:
 
     def terms(self, net, images, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> Terms:
         frames, mask = images
+        # The teacher first: a cache's rows are looked up on the host and copied over before the
+        # student's kernels are queued, so neither waits on the student's forward.
+        with torch.no_grad():
+            t_logits, t_rel = self._targets(frames, mask, tokens, ids)
         out = net(images, tokens)
         w = self.world
         video = _gather_grad(out["image_features"], w)
         text = _gather_grad(out["text_features"], w)
         logits = out["logit_scale"] * text @ video.T
-        with torch.no_grad():
-            t_logits, t_rel = self._targets(frames, mask, tokens, ids)
         scores = _gather_grad(out["frame_scores"], w) if self.fine else None
         gmask = _gather_mask(mask, w) if self.fine else None
         dt = logits.dtype

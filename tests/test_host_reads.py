@@ -1,0 +1,99 @@
+"""Host reads on the training hot path. On a GPU every read of a device value (`.item()`,
+`float(t)`, `.tolist()`, ...) makes the host wait for the queued kernels, so a step should read
+exactly once: the agreement on the step's decisions (`numerics.agree_on_step`). The loss terms
+stay on the device until a log step. CPU tensors cannot show the wait, but the reads themselves
+can be counted: a TorchFunctionMode sees every tensor method our code calls.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from open_clip_train import progress
+from open_clip_train import trainer as trainer_module
+from open_clip_train.demo_data import generate
+from open_clip_train.main import main
+
+READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"}
+TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+class HostReads(TorchFunctionMode):
+    """Records (function, file:line of the caller) for each read made outside torch itself
+    (torch's own reads, e.g. the optimizer's step counter, are CPU scalars on any device) and
+    outside `host_prefix_length`, which reads the batch's host copy (checked below)."""
+
+    def __init__(self, ignore: tuple = (TORCH_DIR,)):
+        super().__init__()
+        self.seen, self.ignore = [], ignore
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in READS:
+            caller = sys._getframe(1)
+            frames, f = set(), caller
+            while f is not None:
+                frames.add(f.f_code.co_name)
+                f = f.f_back
+            if not caller.f_code.co_filename.startswith(self.ignore) and "host_prefix_length" not in frames:
+                self.seen.append((name, f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("demo"), num_train=48, num_val=8, image_size=32, seed=0)
+
+
+def run(demo, tmp_path, monkeypatch, *extra):
+    """Train 2 epochs of 3 steps, logging every 2 steps; returns the reads of each train_step call
+    and of each IntervalMeter.add call."""
+    steps, adds, batch_tokens, trimmed_tokens = [], [], [], []
+    train_step, add = trainer_module.Trainer.train_step, progress.IntervalMeter.add
+    host_prefix_length = trainer_module.host_prefix_length
+
+    def seen_batch(self, batches):
+        batch_tokens.extend(id(b[1]) for b in batches)
+        return train_step(self, batches)
+
+    def seen_trim(model, tokens):
+        trimmed_tokens.append(id(tokens))
+        return host_prefix_length(model, tokens)
+
+    def counted(record, fn):
+        def wrapper(*args, **kwargs):
+            with HostReads() as mode:
+                out = fn(*args, **kwargs)
+            record.append(mode.seen)
+            return out
+        return wrapper
+
+    monkeypatch.setattr(trainer_module, "host_prefix_length", seen_trim)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", counted(steps, seen_batch))
+    monkeypatch.setattr(progress.IntervalMeter, "add", counted(adds, add))
+    argv = [str(a) for a in (
+        "--model", "tiny-convnext-cliptext", "--dataset-type", "coco",
+        "--train-data", demo.train_annotations,
+        "--epochs", 2, "--train-num-samples", 48, "--lr", "1e-3", "--warmup", 1,
+        "--workers", 0, "--precision", "fp32", "--no-augment", "--seed", 0, "--log-every-n-steps", 2,
+        "--log-dir", tmp_path, "--name", "reads", *extra)]
+    assert main(argv) == 0
+    # the text trim's prefix came from the loader's own token tensors, before they moved
+    assert trimmed_tokens == batch_tokens and len(batch_tokens) >= 6
+    return steps, adds, (tmp_path / "reads" / "out.log").read_text()
+
+
+@pytest.mark.parametrize("extra", [("--batch-size", 16), ("--batch-size", 8, "--grad-clip-norm", "1.0", "--accum-freq", 2)],
+                         ids=["plain", "clip+accum"])
+def test_a_training_step_reads_the_device_once(demo, tmp_path, monkeypatch, extra):
+    steps, adds, log = run(demo, tmp_path, monkeypatch, *extra)
+    assert len(steps) == 6 and len(adds) == 6
+    for reads in steps:
+        assert [name for name, _ in reads] == ["tolist"], reads
+        assert reads[0][1].startswith("numerics.py:"), reads
+    assert adds == [[]] * 6  # the meter sums the terms on the device
+    # ... and the logged losses are still the interval's means (3 log lines per run: 2, 3 | 2, 3)
+    lines = [x for x in log.splitlines() if "Train Epoch:" in x]
+    assert len(lines) == 4 and all("Contrastive_loss: " in x for x in lines)
