@@ -9,6 +9,8 @@
 #   3. torchcompile the same with --torchcompile
 #   4. benchmark    ours vs upstream on convnextv2_tiny_cliptext-512, batch 128, amp:
 #                   full, lock-image, lock-both (benchmarks/bench_train.py)
+#   5. host-sync    the same model: CUDA syncs per training step by call site, and the step's
+#                   time with the agreement's read-back removed (benchmarks/bench_host_sync.py)
 #
 # Without CUDA it stops at once with an error and exit code 2: it never skips a check or writes
 # CPU figures as GPU ones. Every check runs even if an earlier one failed; the exit code is 1 if
@@ -47,9 +49,11 @@ COMPILE_CMD=("$PY" -m open_clip_train.main "${COMMON[@]}" --torchcompile --name 
 BENCH_CMD=("$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --precision amp
            --settings full,lock-image,lock-both --repeats 1 --steps 25 --skip 5 --workers 4 --max-wait 0
            --work-dir "$WORK/bench" --out "$WORK/bench-results")
+SYNC_CMD=("$PY" benchmarks/bench_host_sync.py --device cuda --model convnextv2_tiny_cliptext-512 --batch-size 128
+          --precision amp --steps 40 --log-every 10 --workers 4 --out "$WORK/host-sync")
 
 if [ "$PLAN" = 1 ]; then
-    for c in DATA_CMD DEMO_CMD TORCHRUN_CMD COMPILE_CMD BENCH_CMD; do
+    for c in DATA_CMD DEMO_CMD TORCHRUN_CMD COMPILE_CMD BENCH_CMD SYNC_CMD; do
         declare -n cmd="$c"
         printf '%s\n' "$(printf '%q ' "${cmd[@]}")"
     done
@@ -105,6 +109,7 @@ run_step demo-amp "$STEP_TIMEOUT" "${DEMO_CMD[@]}"
 run_step torchrun-nccl "$STEP_TIMEOUT" "${TORCHRUN_CMD[@]}"
 run_step torchcompile "$STEP_TIMEOUT" "${COMPILE_CMD[@]}"
 run_step benchmark "$BENCH_TIMEOUT" "${BENCH_CMD[@]}"
+run_step host-sync "$STEP_TIMEOUT" "${SYNC_CMD[@]}"
 
 {
     echo "# GPU check"
@@ -117,6 +122,12 @@ run_step benchmark "$BENCH_TIMEOUT" "${BENCH_CMD[@]}"
     echo
     grep -h "world: backend" "$WORK/torchrun-nccl.log" 2>/dev/null | tail -1 | sed 's/^.*| INFO | /torchrun: /'
     [ -n "$UPSTREAM_NOTE" ] && echo && echo "Benchmark: $UPSTREAM_NOTE."
+    if [ -f "$WORK/host-sync.md" ]; then
+        echo
+        echo "## Host synchronisation (benchmarks/bench_host_sync.py)"
+        echo
+        cat "$WORK/host-sync.md"
+    fi
     if [ -f "$WORK/bench-results.md" ]; then
         echo
         echo "## Benchmark (benchmarks/bench_train.py, batch 128, amp)"

@@ -69,7 +69,7 @@ def _plan(tmp_path):
 
 def test_plan_trainer_commands_parse(tmp_path):
     plan = _plan(tmp_path)
-    assert len(plan) == 5
+    assert len(plan) == 6
     mains = [c[c.index("open_clip_train.main") + 1:] for c in plan if "open_clip_train.main" in c]
     assert len(mains) == 3
     for argv in mains:
@@ -103,3 +103,14 @@ def test_benchmark_refuses_cuda_without_a_gpu(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--device cuda but torch sees no GPU" in proc.stderr
     assert not out.with_suffix(".md").exists() and not (tmp_path / "work" / "runs").exists()
+
+
+def test_plan_host_sync_command_parses_and_refuses_cuda_without_a_gpu(tmp_path):
+    sync = next(c for c in _plan(tmp_path) if c[1].endswith("bench_host_sync.py"))
+    assert sync[sync.index("--device") + 1] == "cuda" and sync[sync.index("--batch-size") + 1] == "128"
+    out = tmp_path / "hs"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_host_sync.py"),
+                           *[a if a != str(tmp_path / "work" / "host-sync") else str(out) for a in sync[2:]]],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 2 and "--device cuda but torch sees no GPU" in proc.stderr, proc.stderr[-2000:]
+    assert not out.with_suffix(".md").exists()

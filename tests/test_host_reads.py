@@ -97,3 +97,23 @@ def test_a_training_step_reads_the_device_once(demo, tmp_path, monkeypatch, extr
     # ... and the logged losses are still the interval's means (3 log lines per run: 2, 3 | 2, 3)
     lines = [x for x in log.splitlines() if "Train Epoch:" in x]
     assert len(lines) == 4 and all("Contrastive_loss: " in x for x in lines)
+
+
+def test_the_host_sync_benchmark_counts_the_one_read_and_its_ablation_removes_it(tmp_path):
+    """benchmarks/bench_host_sync.py (run by scripts/gpu_check.sh on CUDA) on CPU: its counters see
+    the agreement's read in every counted step of the run as it is, and none once ablated."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "hs"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_host_sync.py"),
+                           "--steps", "6", "--log-every", "3", "--workers", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["runs"]}
+    assert runs["as-is"]["steps"] == runs["ablated"]["steps"] == 6
+    (site, n), = runs["as-is"]["reads"].items()
+    assert site.startswith("open_clip_train/numerics.py:") and site.endswith("(agree_on_step)") and n == 3
+    assert runs["ablated"]["reads"] == {} and runs["as-is"]["syncs"] is None
+    assert "agree_on_step" in out.with_suffix(".md").read_text()
