@@ -3,10 +3,12 @@ import os
 import subprocess
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "msrvtt9k_cnbw_student_xclip_lr1e-4_bs30x4_10e.sh"
+RECIPES = Path(__file__).resolve().parents[1] / "scripts" / "recipes"
+RECIPE = RECIPES / "msrvtt9k_cnbw_student_xclip_lr1e-4_bs30x4_10e.sh"
+LOCKED = RECIPES / "msrvtt7k_cnbw_student_xclip_locked_lr1e-4_bs30x4_16e.sh"
 
 
-def launch(tmp_path, **env):
+def launch(tmp_path, recipe=RECIPE, **env):
     """Run the recipe with a torchrun that only records its command lines."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -17,7 +19,7 @@ def launch(tmp_path, **env):
     calls.unlink(missing_ok=True)
     full = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), MSRVTT_ROOT="/data/m",
                 TEACHER_CACHE=str(tmp_path / "cache"), TEACHER_PRETRAINED="/w/x.bin", **env)
-    subprocess.run(["bash", str(RECIPE)], env=full, check=True, cwd=tmp_path, timeout=60)
+    subprocess.run(["bash", str(recipe)], env=full, check=True, cwd=tmp_path, timeout=60)
     return calls.read_text().splitlines()
 
 
@@ -45,3 +47,18 @@ def test_live_teacher_and_no_teacher(tmp_path):
     assert "--distill --teacher-model xclip --teacher-pretrained /w/x.bin" in live and "--teacher-cache" not in live
     (plain,) = launch(tmp_path, DISTILL="0")
     assert "--distill" not in plain and f"--name {RECIPE.stem} " in plain
+
+
+def test_the_locked_recipe_caches_its_frozen_encoders_and_the_others_do_not(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    (train,) = launch(tmp_path, LOCKED)
+    assert f"--frozen-feature-cache ./frozen_cache/{LOCKED.stem}-distill-xclip" in train
+    assert "--lock-image --lock-text" in train and f"--teacher-cache {tmp_path / 'cache'}" in train
+    (mine,) = launch(tmp_path, LOCKED, FROZEN_CACHE="/fast/fc")
+    assert "--frozen-feature-cache /fast/fc" in mine
+    for env in ({"FROZEN_CACHE": "none"}, {"LIVE_TEACHER": "1"}):
+        (live,) = launch(tmp_path, LOCKED, **env)
+        assert "--frozen-feature-cache" not in live
+    (unlocked,) = launch(tmp_path)  # its image tower trains: nothing frozen to cache
+    assert "--frozen-feature-cache" not in unlocked

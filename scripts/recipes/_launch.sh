@@ -21,6 +21,10 @@
 #                   extracted only when it holds no cache yet (REEXTRACT=1 replaces it)
 #   TEACHER_DTYPE   float16 (default) | float32 features in the cache
 #   LIVE_TEACHER=1  run the teacher on every batch instead of extracting a cache
+#   FROZEN_CACHE    video recipes with both encoders locked: where the locked encoders' per-frame and
+#                   per-caption outputs are computed once and then read (--frozen-feature-cache; default
+#                   ./frozen_cache/<run name>); FROZEN_CACHE=none runs the encoders on every batch.
+#                   Not with LIVE_TEACHER=1 (the live teacher needs the frames themselves).
 #   EXTRA_ARGS      appended to the trainer's command line
 # Weights (only the ones a recipe uses): CONVNEXTV2_TINY_WEIGHTS (timm safetensors),
 # GPT2_WEIGHTS (HF dir or model.safetensors), GPT2_TOKENIZER (HF tokenizer dir),
@@ -66,6 +70,10 @@ run_video_recipe() {  # run_video_recipe NAME WORLD_SIZE trainer-args...: MSR-VT
     )
     if [[ -n "${FRAMES_ROOT:-}" ]]; then
         video+=(--frames-root "$FRAMES_ROOT")
+    fi
+    if [[ " $* " == *" --lock-image "* && " $* " == *" --lock-text "* && "${FROZEN_CACHE:-}" != none \
+          && "${LIVE_TEACHER:-0}" != 1 ]]; then
+        video+=(--frozen-feature-cache "${FROZEN_CACHE:-./frozen_cache/$name}")
     fi
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         python -m open_clip_train.main "$@" "${video[@]}" --dry-run ${EXTRA_ARGS:-}

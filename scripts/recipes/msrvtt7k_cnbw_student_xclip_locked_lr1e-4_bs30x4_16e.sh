@@ -3,7 +3,8 @@
 # aggregation train).
 # Distilled from an X-CLIP teacher (TeachCLIP: coarse pear + fine ce, default weights) whose
 # features are extracted once into a teacher cache, then read by id (DISTILL=0: the contrastive
-# loss only; LIVE_TEACHER=1: no cache; knobs in _launch.sh).
+# loss only; LIVE_TEACHER=1: no cache; knobs in _launch.sh). The locked encoders' outputs are
+# cached too (FROZEN_CACHE: computed once before the first epoch, then read; ~50x faster epochs).
 # TeachCLIP's optimiser: lr 1e-4, AFA at 10x, the pretrained towers at 1e-3x (coef_lr), batch 120
 # (4 x 30), clip-norm 1.0, warmup-cosine.
 source "$(dirname "$0")/_launch.sh"
