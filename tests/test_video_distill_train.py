@@ -98,6 +98,28 @@ def test_two_ranks_equal_one_process(setup, tmp_path, teacher):
     assert max_diff(two0, one) < TOL
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["cache", "live"])
+def test_accumulated_micro_batches_equal_the_whole_batch(setup, tmp_path, monkeypatch, teacher):
+    """--batch-size 4 --accum-freq 2 == --batch-size 8 (plain SGD): the coarse term's [B, B] targets,
+    the fine term's frame scores and the contrastive loss all see the whole accumulated batch."""
+    source = ["--teacher-cache", setup / "cache"] if teacher == "cache" else ["--teacher-pretrained", setup / "teacher.pt"]
+    for d in ("whole", "accum", "small"):
+        (tmp_path / d).mkdir()
+    in_process(args(setup, tmp_path / "logs", "whole", *source, batch=8), tmp_path / "whole", monkeypatch)
+    in_process(args(setup, tmp_path / "logs", "accum", *source, "--accum-freq", 2, batch=4), tmp_path / "accum",
+               monkeypatch)
+    # not vacuous: batch 4 without accumulation (4 steps over other batches) ends elsewhere
+    in_process(args(setup, tmp_path / "logs", "small", *source, "--train-num-samples", 8, batch=4),
+               tmp_path / "small", monkeypatch)
+    whole, accum = weights(tmp_path / "whole" / "rank0.pt"), weights(tmp_path / "accum" / "rank0.pt")
+    assert max_diff(accum, whole) < TOL
+    assert max_diff(weights(tmp_path / "small" / "rank0.pt"), whole) > 100 * TOL
+    log = (tmp_path / "logs" / "accum" / "out.log").read_text()
+    steps = [line for line in log.splitlines() if "Train Epoch:" in line]
+    assert len(steps) == 2 and all(t in x for x in steps for t in TERMS)
+
+
 def test_without_afa_the_fine_term_is_off(setup, tmp_path, monkeypatch):
     in_process(args(setup, tmp_path / "logs", "mean", "--teacher-cache", setup / "cache", "--video-pooling", "mean",
                     "--train-num-samples", 8, "--distill-coarse", "ce"), tmp_path, monkeypatch)

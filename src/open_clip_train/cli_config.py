@@ -207,8 +207,6 @@ def _video(a: argparse.Namespace):
         return None
     if a.headalign:
         raise UserError("--dataset-type msrvtt trains without --headalign for now")
-    if a.distill and a.accum_freq > 1:
-        raise UserError("--dataset-type msrvtt --distill: --accum-freq > 1 is not supported yet")
     try:
         return VideoCfg(train_split=a.msrvtt_train_split, test_split=a.msrvtt_test, video_root=a.video_root,
                         frames_root=a.frames_root, max_words=a.max_words,

@@ -1,5 +1,6 @@
 """TeachCLIP's training objective for `--dataset-type msrvtt --distill` (the trainer's Objective
-interface: `terms`, `tokenizer`, `needs_ids`, `on_unlock`).
+interface: `terms`, `cache_micro` / `terms_cached` for --accum-freq, `tokenizer`, `needs_ids`,
+`on_unlock`).
 
 Per batch: the student's [B_text, B_video] logits (logit scale x text . video) and its AFA frame
 scores; the teacher's targets, live (the frozen teacher fed the student's frames and tokens) or
@@ -17,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..accumulate import detach_direct
+from ..distill.losses import merge_micro_batch
 from ..distributed import World
 from ..errors import UserError, flag
 from .distill_loss import VideoDistillLoss
@@ -46,6 +49,23 @@ def _gather(x: torch.Tensor, world: World) -> torch.Tensor:
 
 def _gather_mask(mask: torch.Tensor, world: World) -> torch.Tensor:
     return _gather(mask.to(torch.uint8), world).bool()
+
+
+def _map_features(parts: Sequence[TeacherFeatures], join: Callable, join_mask: Callable) -> TeacherFeatures:
+    """One TeacherFeatures from `parts`, each field joined by `join` (`join_mask` for masks)."""
+    v, t = [p.video for p in parts], [p.text for p in parts]
+    words = join([x.words for x in t]) if t[0].words is not None else None
+    return TeacherFeatures(VideoFeatures(join([x.frames for x in v]), join([x.video for x in v]),
+                                         join_mask([x.mask for x in v])),
+                           TextFeatures(join([x.sentence for x in t]), words))
+
+
+def _gather_features(f: TeacherFeatures, world: World) -> TeacherFeatures:
+    return _map_features([f], lambda xs: _gather(xs[0], world), lambda ms: _gather_mask(ms[0], world))
+
+
+def _cat_features(parts: Sequence[TeacherFeatures]) -> TeacherFeatures:
+    return _map_features(parts, torch.cat, torch.cat)
 
 
 class VideoDistillObjective:
@@ -116,46 +136,70 @@ class VideoDistillObjective:
         return self.live is None  # a live teacher reads the student's tokens
 
     # ------------------------------------------------------------------ per batch
-    def _targets(self, frames, mask, tokens, ids) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Every teacher's global [B, B] logits and [B, T] relevance."""
+    @torch.no_grad()
+    def _teacher_rows(self, frames, mask, tokens, ids) -> List[TeacherFeatures]:
+        """Every teacher's features of this rank's rows: live, or a cache's rows by the batch's ids
+        (kept on the host, so the lookup reads nothing from the device)."""
         if self.live is not None:
-            f = self.live.encode(frames, mask, self._teacher_tokens(tokens))
-            w = self.world
-            words = _gather(f.text.words, w) if f.text.words is not None else None
-            g = TeacherFeatures(VideoFeatures(_gather(f.video.frames, w), _gather(f.video.video, w),
-                                              _gather_mask(f.video.mask, w)),
-                                TextFeatures(_gather(f.text.sentence, w), words))
-            return [self.live.similarity(g.video, g.text)], [self.live.relevance(g.video, g.text)]
+            return [self.live.encode(frames, mask, self._teacher_tokens(tokens))]
         if ids is None:
             raise RuntimeError("a cached video teacher needs the batch's ids")
-        if self.world.world_size > 1:  # gathered on the device (NCCL), read back at once
-            ids = _gather(ids.to(self.device), self.world).cpu()
         videos = [self.video_ids[int(n)] for n in ids[:, 0]]
         sen = ids[:, 1].tolist()
-        out = [t.targets(videos, sen) for t in self.teachers]
-        return [o[0] for o in out], [o[1] for o in out]
+        return [t.features(videos, sen) for t in self.teachers]
 
-    def terms(self, net, images, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> Terms:
-        frames, mask = images
-        # The teacher first: a cache's rows are looked up on the host and copied over before the
-        # student's kernels are queued, so neither waits on the student's forward.
-        with torch.no_grad():
-            t_logits, t_rel = self._targets(frames, mask, tokens, ids)
-        out = net(images, tokens)
+    @torch.no_grad()
+    def _targets(self, rows: List[TeacherFeatures]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Every teacher's global [B, B] logits and [B, T] relevance from its rows on all ranks."""
+        heads = [self.live] if self.live is not None else self.teachers
+        logits, relevance = [], []
+        for head, f in zip(heads, rows):
+            g = _gather_features(f, self.world)
+            logits.append(head.similarity(g.video, g.text))
+            relevance.append(head.relevance(g.video, g.text))
+        return logits, relevance
+
+    def _loss(self, out: Dict[str, torch.Tensor], mask: torch.Tensor, rows: List[TeacherFeatures]) -> Terms:
+        """The global batch's terms from this rank's student outputs, frame mask and teacher rows."""
         w = self.world
         video = _gather_grad(out["image_features"], w)
         text = _gather_grad(out["text_features"], w)
         logits = out["logit_scale"] * text @ video.T
+        t_logits, t_rel = self._targets(rows)
         scores = _gather_grad(out["frame_scores"], w) if self.fine else None
         gmask = _gather_mask(mask, w) if self.fine else None
         dt = logits.dtype
         return self.loss(logits, scores, gmask, [t.to(dt) for t in t_logits],
                          [r.to(dt) for r in t_rel] if self.fine else [])
 
-    def cache_micro(self, *a, **k):
-        raise UserError(f"{flag('accum_freq')} > 1 is not supported with video distillation")
+    def terms(self, net, images, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> Terms:
+        frames, mask = images
+        # The teacher first: a cache's rows are copied over before the student's kernels are
+        # queued, so the copy waits on none of them.
+        rows = self._teacher_rows(frames, mask, tokens, ids)
+        return self._loss(net(images, tokens), mask, rows)
 
-    terms_cached = cache_micro
+    # --accum-freq (accumulate.py): the no-grad pass caches the student's per-sample outputs and
+    # the teacher's rows; each grad pass sees the whole accumulated batch, its own rows live.
+    @torch.no_grad()
+    def cache_micro(self, net, images, tokens: torch.Tensor, ids: Optional[torch.Tensor] = None) -> dict:
+        frames, mask = images
+        rows = self._teacher_rows(frames, mask, tokens, ids)
+        out = net(images, tokens)
+        return {**{k: out[k] for k in self._per_sample}, "mask": mask, "teacher": rows}
+
+    def terms_cached(self, net, images, tokens: torch.Tensor, cached: Sequence[dict], j: int,
+                     direct_grad: bool = True) -> Terms:
+        out = net(images, tokens)
+        if not direct_grad:
+            out = detach_direct(out)
+        merged = merge_micro_batch(cached, j, out, self._per_sample)
+        rows = [_cat_features([c["teacher"][i] for c in cached]) for i in range(len(cached[0]["teacher"]))]
+        return self._loss(merged, torch.cat([c["mask"] for c in cached]), rows)
+
+    @property
+    def _per_sample(self) -> Tuple[str, ...]:
+        return ("image_features", "text_features") + (("frame_scores",) if self.fine else ())
 
     def on_unlock(self, towers: Sequence[str]) -> None:
         """The teacher shares nothing with the student: unlocking changes nothing here."""
