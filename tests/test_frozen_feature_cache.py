@@ -1,10 +1,12 @@
 """--frozen-feature-cache through main([...]) on a tiny model: a cached run trains to the weights of
 the live run, a second run reuses the cache without recomputing or decoding images, a manifest
-mismatch is one error line, resume continues on the cache, and an unlock switches a tower back to
-live computation."""
+mismatch is one error line, resume continues on the cache, an unlock switches a tower back to
+live computation, and 2 ranks compute their shards and train like one process."""
 import json
+import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +152,32 @@ def test_unlock_switches_the_tower_back_to_live(demo):
     w1 = _weights(root, "cached_unlock", 1)
     trunk = next(k for k in wc if k.startswith("visual.trunk.") and k.endswith("weight"))
     assert _moved(wc, w1, trunk)  # the trunk trained live after the unlock
+
+
+def test_two_ranks_compute_their_shards_then_train_like_one_process(demo, tmp_path, monkeypatch):
+    """torchrun 2 ranks x 3: each rank computes every other image and caption into its own shard,
+    rank 0 writes the manifest, and both train on the whole cache to the weights of one process x 6
+    on the live locked towers (--local-loss --gather-with-grad: the global batch's gradients)."""
+    from launch import DUMP_SCRIPT, in_process, load, torchrun
+
+    root, d = demo
+    script = tmp_path / "dump_main.py"
+    script.write_text(DUMP_SCRIPT)
+    cache = tmp_path / "cache"
+    common = ("--lock-image", "--lock-text", "--local-loss", "--gather-with-grad", "--log-dir", tmp_path / "logs")
+    two = _argv(root, d, "two", *common, "--frozen-feature-cache", cache)
+    two[two.index("--batch-size") + 1] = "3"
+    torchrun(2, script, two, tmp_path / "two")
+    (tmp_path / "one").mkdir()
+    in_process(_argv(root, d, "one", *common), tmp_path / "one", monkeypatch)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    for rank in (0, 1):  # every other image and caption each
+        for table, total in (("image", 24), ("text", len(json.loads(d.train_annotations.read_text())["annotations"]))):
+            ids = np.load(cache / f"shard_{rank}.{table}.ids.npy")
+            assert len(ids) == (total + 1 - rank) // 2
+    assert re.search(r"frozen-feature cache .*: computed", (tmp_path / "logs" / "two" / "out.log").read_text())
+    r0, r1, one = (load(tmp_path / p) for p in ("two/rank0.pt", "two/rank1.pt", "one/rank0.pt"))
+    assert [k for k in r0 if not torch.equal(r0[k], r1[k])] == []
+    _same_weights(one, r0)
+    assert abs(float(one["logit_scale"]) - math.log(1 / 0.07)) > 1e-4  # it trained
