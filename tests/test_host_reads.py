@@ -16,8 +16,10 @@ from open_clip_train import trainer as trainer_module
 from open_clip_train.demo_data import generate
 from open_clip_train.main import main
 
-READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"}
+# (not `numpy`: it refuses a device tensor, so a value it reads was on the host already)
+READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu"}
 TORCH_DIR = str(Path(torch.__file__).parent)
+MODEL = "tiny-convnext-cliptext"
 
 
 class HostReads(TorchFunctionMode):
@@ -47,7 +49,33 @@ def demo(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("demo"), num_train=48, num_val=8, image_size=32, seed=0)
 
 
-def run(demo, tmp_path, monkeypatch, *extra):
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """MSR-VTT-shaped demo data and a teacher cache of a tiny teacher (extract_teacher)."""
+    from open_clip_train.extract_teacher import main as extract
+    from open_clip_train.models import create_model
+    from open_clip_train.video.demo import write_demo
+
+    root = tmp_path_factory.mktemp("video")
+    write_demo(root / "data", num_train=12, num_test=4, seed=0)
+    torch.manual_seed(1)
+    torch.save(create_model(MODEL)[0].state_dict(), root / "teacher.pt")
+    assert extract(["--dataset-type", "msrvtt", "--train-data", str(root / "data"), "--max-frames", "2",
+                    "--teacher-model", MODEL, "--teacher-pretrained", str(root / "teacher.pt"), "--out",
+                    str(root / "cache"), "--dtype", "float32", "--workers", "0"]) == 0
+    return root
+
+
+def data_args(kind, demo, video):
+    if kind == "coco":
+        return ["--dataset-type", "coco", "--train-data", demo.train_annotations, "--no-augment"]
+    args = ["--dataset-type", "msrvtt", "--train-data", video / "data", "--video-pooling", "afa", "--max-frames", 2]
+    if kind == "video-distill":
+        args += ["--distill", "--teacher-model", MODEL, "--teacher-cache", video / "cache"]
+    return args
+
+
+def run(data, tmp_path, monkeypatch, *extra):
     """Train 2 epochs of 3 steps, logging every 2 steps; returns the reads of each train_step call
     and of each IntervalMeter.add call."""
     steps, adds, batch_tokens, trimmed_tokens = [], [], [], []
@@ -74,10 +102,8 @@ def run(demo, tmp_path, monkeypatch, *extra):
     monkeypatch.setattr(trainer_module.Trainer, "train_step", counted(steps, seen_batch))
     monkeypatch.setattr(progress.IntervalMeter, "add", counted(adds, add))
     argv = [str(a) for a in (
-        "--model", "tiny-convnext-cliptext", "--dataset-type", "coco",
-        "--train-data", demo.train_annotations,
-        "--epochs", 2, "--train-num-samples", 48, "--lr", "1e-3", "--warmup", 1,
-        "--workers", 0, "--precision", "fp32", "--no-augment", "--seed", 0, "--log-every-n-steps", 2,
+        "--model", MODEL, *data, "--epochs", 2, "--train-num-samples", 48, "--lr", "1e-3", "--warmup", 1,
+        "--workers", 0, "--precision", "fp32", "--device", "cpu", "--seed", 0, "--log-every-n-steps", 2,
         "--log-dir", tmp_path, "--name", "reads", *extra)]
     assert main(argv) == 0
     # the text trim's prefix came from the loader's own token tensors, before they moved
@@ -85,10 +111,14 @@ def run(demo, tmp_path, monkeypatch, *extra):
     return steps, adds, (tmp_path / "reads" / "out.log").read_text()
 
 
-@pytest.mark.parametrize("extra", [("--batch-size", 16), ("--batch-size", 8, "--grad-clip-norm", "1.0", "--accum-freq", 2)],
-                         ids=["plain", "clip+accum"])
-def test_a_training_step_reads_the_device_once(demo, tmp_path, monkeypatch, extra):
-    steps, adds, log = run(demo, tmp_path, monkeypatch, *extra)
+@pytest.mark.parametrize("kind, extra", [
+    ("coco", ("--batch-size", 16)),
+    ("coco", ("--batch-size", 8, "--grad-clip-norm", "1.0", "--accum-freq", 2)),
+    ("video", ("--batch-size", 16)),
+    ("video-distill", ("--batch-size", 8, "--accum-freq", 2)),
+], ids=["coco", "coco-clip-accum", "video", "video-distill-cache-accum"])
+def test_a_training_step_reads_the_device_once(demo, video, tmp_path, monkeypatch, kind, extra):
+    steps, adds, log = run(data_args(kind, demo, video), tmp_path, monkeypatch, *extra)
     assert len(steps) == 6 and len(adds) == 6
     for reads in steps:
         assert [name for name, _ in reads] == ["tolist"], reads
@@ -97,6 +127,8 @@ def test_a_training_step_reads_the_device_once(demo, tmp_path, monkeypatch, extr
     # ... and the logged losses are still the interval's means (3 log lines per run: 2, 3 | 2, 3)
     lines = [x for x in log.splitlines() if "Train Epoch:" in x]
     assert len(lines) == 4 and all("Contrastive_loss: " in x for x in lines)
+    if kind == "video-distill":
+        assert all("Distill_coarse_loss: " in x for x in lines)
 
 
 def test_the_host_sync_benchmark_counts_the_one_read_and_its_ablation_removes_it(tmp_path):

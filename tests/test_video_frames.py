@@ -62,6 +62,10 @@ def test_short_clip_is_padded_with_a_mask(tmp_path):
     assert padded.shape == (12, 3, 32, W)
     assert mask.tolist() == [True] * 3 + [False] * 9
     assert torch.equal(padded[:3], frames) and not padded[3:].any()
+    # every mask the data makes has a real frame (pooling relies on it without reading the mask)
+    for n in (0, 13):
+        with pytest.raises(ValueError, match="needs 1 to max_frames"):
+            pad_frames(frames.new_zeros((n, *frames.shape[1:])), 12)
 
 
 def test_short_side_resize(tmp_path):

@@ -122,8 +122,8 @@ def _read_sampled(container, stream, fps: float, spec: FrameSpec) -> list[np.nda
 def pad_frames(frames: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, ...] -> ([max_frames, ...] zero-padded, mask [max_frames] bool, True for real frames)."""
     n = frames.shape[0]
-    if n > max_frames:
-        raise ValueError(f"{n} frames exceed max_frames {max_frames}")
+    if not 0 < n <= max_frames:  # pooling needs one real frame per video
+        raise ValueError(f"a video needs 1 to max_frames ({max_frames}) frames, got {n}")
     out = frames.new_zeros((max_frames, *frames.shape[1:]))
     out[:n] = frames
     mask = torch.zeros(max_frames, dtype=torch.bool)

@@ -144,6 +144,7 @@ class VideoDistillObjective:
             return [self.live.encode(frames, mask, self._teacher_tokens(tokens))]
         if ids is None:
             raise RuntimeError("a cached video teacher needs the batch's ids")
+        ids = ids.numpy()  # the loader's host tensor (numpy() refuses a device tensor: no sync here)
         videos = [self.video_ids[int(n)] for n in ids[:, 0]]
         sen = ids[:, 1].tolist()
         return [t.features(videos, sen) for t in self.teachers]
