@@ -68,9 +68,9 @@ def test_the_prefix_found_on_the_host_gives_the_towers_own_trim_without_a_read(n
     model.eval()
     text = get_tokenizer(name, text_tokenizer=str(gpt2_tokenizer_dir))(CAPTIONS)
     own, g_own, seen_own = _run(model, text)
-    n = host_prefix_length(model, text)
+    n = host_prefix_length([model], text)
     assert [n] == seen_own and n < 32
-    with caller_trims(model), HostReads(ignore) as reads:
+    with caller_trims([model]), HostReads(ignore) as reads:
         host, g_host, seen_host = _run(model, text[:, :n])
     assert seen_host == [n] and reads.seen == []
     torch.testing.assert_close(host, own, rtol=0, atol=0)
@@ -80,7 +80,7 @@ def test_the_prefix_found_on_the_host_gives_the_towers_own_trim_without_a_read(n
     # outside the context the tower trims by itself again; a tower that does not trim: no prefix
     assert not any(m.caller_trimmed for m in (model, getattr(model, "text", None)) if hasattr(m, "caller_trimmed"))
     set_text_padding_trim(model, False)
-    assert host_prefix_length(model, text) is None
+    assert host_prefix_length([model], text) is None
 
 
 def test_a_caption_filling_the_context_keeps_the_full_length():

@@ -326,7 +326,7 @@ class FrozenFeatures:
         out = []
         for b in batches:
             fields = list(b)
-            ids = fields[2]
+            ids = fields[2].numpy()  # the loader's host tensor (numpy() refuses a device tensor)
             if "image" in self.parts:
                 fields[0] = self._image_rows(ids[:, 0].tolist(), dtype or torch.float32)
             if "text" in self.parts:

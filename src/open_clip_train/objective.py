@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -162,10 +162,14 @@ class Objective:
         logging.info(f"headalign: aligning the new head to {cfg.pretrained}'s image head "
                      f"({cfg.headalign.mode}, weight {cfg.headalign.weight})")
 
-    @property
-    def student_only_tokens(self) -> bool:
-        """Whether the batch's tokens reach the student alone (no live teacher reads them)."""
-        return self.pair is None
+    def token_readers(self, model: torch.nn.Module) -> Optional[List[torch.nn.Module]]:
+        """The models that read the batch's tokens as they are (the student; a live teacher on the
+        same tokens), or None where a teacher reads a token stream of its own."""
+        if self.pair is None:
+            return [model]
+        if self.pair.same and hasattr(self.runner, "teacher"):
+            return [model, self.runner.teacher.model]
+        return None
 
     # ------------------------------------------------------------------ per batch
     def _split(self, tokens: torch.Tensor):

@@ -135,8 +135,8 @@ class Trainer:
                                                    device, self.tokenizer)
         else:
             self.objective = Objective(cfg.objective, self.model, world, device, self.tokenizer)
-        # the text trim's prefix from the batch's host tokens, where only the student reads them
-        self.host_trim = text_padding_trim(self.model) and self.objective.student_only_tokens
+        # the models whose text towers take the tokens trimmed on the host (text_trim.host_prefix_length)
+        self.trim_readers = (self.objective.token_readers(self.model) or []) if text_padding_trim(self.model) else []
         notice = augmentation_notice(not cfg.train.no_augment) if self.objective.needs_ids else None
         if notice:
             logging.warning(notice)
@@ -559,7 +559,7 @@ class Trainer:
         # (images, tokens[, ids]): sample ids stay on the CPU, where a teacher cache is read
         moved = [(b[0].to(self.device, dtype=dtype, non_blocking=True), self._move_tokens(b[1]),
                   b[2] if len(b) > 2 else None) for b in batches]
-        with caller_trims(self.model, self.host_trim):
+        with caller_trims(self.trim_readers):
             if len(moved) == 1:
                 terms = self._forward_backward(*moved[0])
             else:
@@ -598,7 +598,7 @@ class Trainer:
 
     def _move_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """To the device, trimmed to the text tower's prefix found on the host copy (text_trim)."""
-        n = host_prefix_length(self.model, tokens) if self.host_trim else None
+        n = host_prefix_length(self.trim_readers, tokens) if self.trim_readers else None
         moved = tokens.to(self.device, non_blocking=True)  # whole, from pinned memory; the slice is a view
         return moved[:, :n] if n is not None else moved
 

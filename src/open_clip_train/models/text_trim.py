@@ -18,7 +18,7 @@ Bidirectional towers (HF BERT-likes) and other pool types always run the full le
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,28 +88,30 @@ def adopt(model: nn.Module) -> nn.Module:
     return model
 
 
-def host_prefix_length(model: nn.Module, tokens: torch.Tensor) -> Optional[int]:
-    """The prefix of `tokens` (the batch's host copy, [B, L] at the context length) that `model`'s
-    trimming text tower needs, or None where it does not trim this batch. Reads `tokens` on the
-    host, so call it before the tokens move to the device."""
-    modules = [m for m in _trimming_modules(model) if m.trim_text_padding]
-    if not modules or tokens.dim() != 2 or tokens.is_floating_point():  # not tokens: cached features
+def host_prefix_length(models: Sequence[nn.Module], tokens: torch.Tensor) -> Optional[int]:
+    """The prefix of `tokens` (the batch's host copy, [B, L] at the context length) that every one
+    of `models` (all that read these tokens) needs, or None where one of them cannot take a trimmed
+    batch. Reads `tokens` on the host, so call it before the tokens move to the device."""
+    if tokens.dim() != 2 or tokens.is_floating_point():  # not tokens: a cache's text features
         return None
     needed = []
-    for m in modules:
-        if tokens.shape[1] != m.context_length:
+    for model in models:
+        modules = [m for m in _trimming_modules(model) if m.trim_text_padding]
+        if not modules:  # a tower that does not trim runs whatever length it is given: keep it whole
             return None
-        index = m.trim_pool_index(tokens)
-        if index is None:
-            return None
-        needed.append(prefix_length(index, tokens.shape[1]))
-    return max(needed)
+        for m in modules:
+            index = m.trim_pool_index(tokens) if tokens.shape[1] == m.context_length else None
+            if index is None:
+                return None
+            needed.append(prefix_length(index, tokens.shape[1]))
+    return max(needed) if needed else None
 
 
 @contextlib.contextmanager
-def caller_trims(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within: `model`'s trimming tower takes its tokens as trimmed already (by `host_prefix_length`)."""
-    modules = _trimming_modules(model) if enabled else []
+def caller_trims(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Within: the trimming towers of `models` take their tokens as trimmed already (by
+    `host_prefix_length`), and read nothing from them."""
+    modules = [m for model in models for m in _trimming_modules(model)]
     for m in modules:
         m.caller_trimmed = True
     try:

@@ -131,9 +131,9 @@ class VideoDistillObjective:
         kept = tokens[:, :self.max_words]
         return torch.nn.functional.pad(kept, (0, self.token_len - kept.shape[1]))
 
-    @property
-    def student_only_tokens(self) -> bool:
-        return self.live is None  # a live teacher reads the student's tokens
+    def token_readers(self, model: torch.nn.Module) -> Optional[List[torch.nn.Module]]:
+        """The student alone; None with a live teacher (it reads the tokens cut to max_words)."""
+        return [model] if self.live is None else None
 
     # ------------------------------------------------------------------ per batch
     @torch.no_grad()
