@@ -153,10 +153,12 @@ ALLOC_PROBE = textwrap.dedent("""
         return float(((h * 2.0) @ w.t()).sum())
     for _ in range(10):  # warm-up: the retained heap settles
         step()
-    before = faults()
-    for _ in range(20):
+    per_step = []
+    for _ in range(21):
+        before = faults()
         step()
-    print((faults() - before) / 20)
+        per_step.append(faults() - before)
+    print(sorted(per_step)[10])  # the median step: one-off events (a page migrated, a slipped buffer) aside
 """)
 
 
@@ -168,7 +170,8 @@ def test_retained_memory_is_reused_without_page_faults():
 
     pages = (32 << 20) // 4096
     assert faults_per_step("default") > pages  # glibc maps the 32 MiB temporaries afresh every step
-    # reused: at most a tenth of a fresh mapping (a loaded machine adds a few hundred faults of its own)
+    # reused: the median step faults in at most a tenth of a fresh mapping (a loaded machine adds
+    # some of its own; a CI run once saw one 64 MiB re-mapping in 20 steps, hence the median)
     assert faults_per_step("retain") < 0.1 * pages
 
 
