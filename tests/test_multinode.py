@@ -185,9 +185,10 @@ def test_srun_script_starts_one_task_per_gpu_without_torchrun():
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
-# stands in for srun: records its command line, exits 75 on SIGTERM as the trainer does
-printf '%s\\n' "$@" > "$FAKE_DIR/srun.args"
+# stands in for srun: exits 75 on SIGTERM as the trainer does, records its command line (after the
+# trap is set and in one rename, so a reader that sees the file can signal it at once)
 trap 'echo TERM > "$FAKE_DIR/srun.signal"; exit 75' TERM
+printf '%s\\n' "$@" > "$FAKE_DIR/srun.args.tmp" && mv "$FAKE_DIR/srun.args.tmp" "$FAKE_DIR/srun.args"
 if [ -n "${FAKE_SRUN_EXIT:-}" ]; then exit "$FAKE_SRUN_EXIT"; fi
 while true; do sleep 0.05; done
 """
@@ -210,13 +211,12 @@ def run_sbatch(script: Path, tmp_path: Path, usr1: bool, srun_exit: str = ""):
                             start_new_session=True)
     try:
         if usr1:
-            for _ in range(400):
-                if (tmp_path / "srun.args").exists():
+            for _ in range(1200):  # up to 30 s on a loaded machine
+                if (tmp_path / "srun.args").exists():  # srun's TERM trap is set by then
                     break
                 time.sleep(0.025)
-            time.sleep(0.2)  # srun's TERM trap is set right after it records its arguments
             os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@N does
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
