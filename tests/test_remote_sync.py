@@ -47,10 +47,13 @@ def test_sync_copies_everything_but_temp_files_then_only_changes(tmp_path):
     assert _tree(remote) == _expected(local) and len(_tree(remote)) == 4
     untouched = (remote / "checkpoints" / "epoch_1.pt").stat().st_mtime_ns
 
-    time.sleep(0.01)
     with open(local / "out.log", "a") as f:
         f.write("line 2\n")
-    (local / "checkpoints" / "epoch_latest.pt").write_bytes(b"B" * 1000)  # same size, new contents
+    latest = local / "checkpoints" / "epoch_latest.pt"
+    before = latest.stat().st_mtime_ns
+    latest.write_bytes(b"B" * 1000)  # same size, new contents
+    # a later rewrite has a later mtime; set it, as a filesystem's clock may not have ticked yet
+    os.utime(latest, ns=(latest.stat().st_atime_ns, max(latest.stat().st_mtime_ns, before + 1_000_000)))
     (local / "checkpoints" / "results.jsonl").write_text('{"epoch": 1}\n')
     assert sync.sync_once()
     assert _tree(remote) == _expected(local)
