@@ -108,6 +108,24 @@ def test_training_coca(tmp_path):
     assert captions and all(np.isfinite(float(c)) for c in captions)
 
 
+def test_coca_decoder_projection_is_initialised_not_left_empty():
+    """open_clip 3.3 makes the CoCa decoder's text_projection with torch.empty and never initialises
+    it (zeros or leftover memory: here once a 1e31 caption loss, a non-finite first step).
+    Built here, it holds normal(0, width^-0.5) values, the same for the same seed."""
+    from open_clip_train.models import create_model
+
+    garbage = torch.full((512, 512), 1e31)  # leave such values in memory torch.empty may reuse
+    del garbage
+    built = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, _ = create_model("coca_ViT-B-32")
+        built.append(model.text_decoder.text_projection.detach().clone())
+    width = model.text_decoder.width
+    assert torch.equal(built[0], built[1]) and torch.isfinite(built[0]).all()
+    assert abs(float(built[0].std()) - width ** -0.5) < 0.1 * width ** -0.5
+
+
 @pytest.mark.parametrize("extra, what", [(["--accum-freq", "2"], "with --accum-freq is not supported"),
                                          (["--headalign"],
                                           "with --distill / --teacher-cache / --headalign is not supported")])

@@ -94,12 +94,27 @@ def _build(name: str, cfg: dict[str, Any], precision: str, device: torch.device,
     root.addFilter(quiet)
     try:
         # pretrained_image=False keeps open_clip from asking timm to download trunk weights.
-        return text_trim.adopt(open_clip.create_model(
+        model = open_clip.create_model(
             name, pretrained=None, precision=precision, device=device, output_dict=True, pretrained_image=False,
             **model_kwargs, **(overrides or {}),
-        ))
+        )
     finally:
         root.removeFilter(quiet)
+    _init_coca_decoder_projection(model)
+    return text_trim.adopt(model)
+
+
+def _init_coca_decoder_projection(model: nn.Module) -> None:
+    """open_clip 3.3's CoCa text decoder (MultimodalTransformer) makes `text_projection` with
+    torch.empty and never calls its init_parameters: the weights are whatever memory held (zeros
+    from a fresh mapping, or 1e31-sized garbage from a reused one: a non-finite first step).
+    Initialise it as that init_parameters means to (which would fail: it reads a `.transformer`
+    the decoder does not have); the decoder's blocks keep the init they get today."""
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if isinstance(projection, nn.Parameter):
+        with torch.no_grad():
+            nn.init.normal_(projection, std=decoder.width ** -0.5)
 
 
 def _load_weights(
