@@ -716,7 +716,9 @@ def main(argv: list[str] | None = None) -> int:
     ours_info, up_info = probe(ours_py, prof.model), probe(up_py, up_model_arg)
     if not ours_info["trainer"].replace("\\", "/").startswith(str(REPO / "src") + "/"):
         sys.exit(f"ours: open_clip_train resolves to {ours_info['trainer']}, not {REPO / 'src'}")
-    if "/site-packages/open_clip_train/" not in up_info["trainer"].replace("\\", "/"):
+    up_trainer = Path(up_info["trainer"]).resolve()
+    # open_clip_torch's copy sits beside its open_clip package (a venv's site-packages or a --target dir)
+    if up_trainer.is_relative_to(REPO / "src") or not (up_trainer.parent.parent / "open_clip" / "__init__.py").is_file():
         sys.exit(f"upstream: open_clip_train resolves to {up_info['trainer']}, not open_clip_torch's copy")
     for info in (ours_info, up_info):
         p = Path(info["trainer"]).parent

@@ -14,8 +14,10 @@
 #
 # Without CUDA it stops at once with an error and exit code 2: it never skips a check or writes
 # CPU figures as GPU ones. Every check runs even if an earlier one failed; the exit code is 1 if
-# any failed. Environment: PYTHON (default .venv/bin/python), UPSTREAM_VENV (upstream's trainer;
-# default: this interpreter with site-packages' open_clip_train, no network needed),
+# any failed. Environment: PYTHON (default .venv/bin/python; on a machine without the venv, e.g.
+# offline: PYTHON=python3 PYTHONPATH=src:DIR with the pinned requirements installed in DIR by
+# `pip install --no-deps --target DIR`), UPSTREAM_VENV (upstream's trainer; default: the same
+# interpreter and packages without this checkout, so `open_clip_train` is open_clip_torch's copy),
 # GPU_CHECK_WORK (default benchmarks/work-gpu), GPU_CHECK_STEP_TIMEOUT (seconds per training check,
 # default 150; the benchmark gets 330).
 set -uo pipefail
@@ -24,6 +26,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PY="${PYTHON:-.venv/bin/python}"
 WORK="${GPU_CHECK_WORK:-benchmarks/work-gpu}"
+case "$WORK" in /*) ;; *) WORK="$REPO/$WORK" ;; esac
 OUT="benchmarks/results-gpu.md"
 STEP_TIMEOUT="${GPU_CHECK_STEP_TIMEOUT:-150}"
 BENCH_TIMEOUT=330
@@ -43,7 +46,7 @@ COMMON=(--model tiny-convnext-cliptext --dataset-type coco
         --log-every-n-steps 5 --seed 0 --log-dir "$WORK/logs")
 DATA_CMD=("$PY" -m open_clip_train.demo_data "$DATA" --num-train 1024 --num-val 128 --image-size 64 --seed 0)
 DEMO_CMD=("$PY" -m open_clip_train.main "${COMMON[@]}" --name demo-amp)
-TORCHRUN_CMD=("$(dirname "$PY")/torchrun" --nproc_per_node 1 -m open_clip_train.main "${COMMON[@]}"
+TORCHRUN_CMD=("$PY" -m torch.distributed.run --nproc_per_node 1 -m open_clip_train.main "${COMMON[@]}"
               --dist-backend nccl --name torchrun-nccl)
 COMPILE_CMD=("$PY" -m open_clip_train.main "${COMMON[@]}" --torchcompile --name torchcompile)
 BENCH_CMD=("$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --precision amp
@@ -52,11 +55,35 @@ BENCH_CMD=("$PY" benchmarks/bench_train.py --device cuda --batch-size 128 --prec
 SYNC_CMD=("$PY" benchmarks/bench_host_sync.py --device cuda --model convnextv2_tiny_cliptext-512 --batch-size 128
           --precision amp --steps 40 --log-every 10 --workers 4 --out "$WORK/host-sync")
 
+# The benchmark's two interpreters (it clears PYTHONPATH for its children, so each shim sets its
+# own): ours finds this checkout's src/ first; upstream's is the same interpreter and packages
+# without this checkout and without site processing (an editable install's .pth would add src/).
+interpreter_paths() {  # prints ours' and upstream's PYTHONPATH, one a line
+    "$PY" -c '
+import os, sys
+src = os.path.realpath(sys.argv[1])
+rest = [p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != src]
+print(os.pathsep.join([src] + rest))
+print(os.pathsep.join(rest))' "$REPO/src"
+}
+write_shim() {  # write_shim PATH PYTHONPATH [python flags]: an executable that runs $PY so
+    local path=$1 pypath=$2; shift 2
+    mkdir -p "$(dirname "$path")"
+    printf '#!/bin/sh\nexec env PYTHONPATH=%q %q %s "$@"\n' "$pypath" "$REAL_PY" "$*" >"$path"
+    chmod +x "$path"
+}
+
 if [ "$PLAN" = 1 ]; then
     for c in DATA_CMD DEMO_CMD TORCHRUN_CMD COMPILE_CMD BENCH_CMD SYNC_CMD; do
         declare -n cmd="$c"
         printf '%s\n' "$(printf '%q ' "${cmd[@]}")"
     done
+    if [ -n "${GPU_CHECK_PLAN_SHIMS:-}" ]; then  # write the interpreter shims there, to look at them
+        REAL_PY="$("$PY" -c 'import sys; print(sys.executable)')"
+        { read -r OURS_PATH; read -r UP_PATH; } < <(interpreter_paths)
+        write_shim "$GPU_CHECK_PLAN_SHIMS/ours/bin/python" "$OURS_PATH"
+        write_shim "$GPU_CHECK_PLAN_SHIMS/upstream/bin/python" "$UP_PATH" -S
+    fi
     exit 0
 fi
 
@@ -91,17 +118,15 @@ run_step() {  # name, timeout, then the command; logs to $WORK/<name>.log, one t
     echo "   $status in ${dt}s"
 }
 
+REAL_PY="$("$PY" -c 'import sys; print(sys.executable)')"
+{ read -r OURS_PATH; read -r UP_PATH; } < <(interpreter_paths)
+export OURS_PYTHON="$WORK/ours-shim/bin/python"
+write_shim "$OURS_PYTHON" "$OURS_PATH"
 UPSTREAM_NOTE=""
 if [ -z "${UPSTREAM_VENV:-}" ] && [ ! -x benchmarks/.venv-upstream/bin/python ]; then
-    # Upstream's trainer from the same interpreter: without site processing, our editable src/
-    # (put first by a .pth file) is not on the path, so `open_clip_train` is open_clip_torch's copy.
-    SITE="$("$PY" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
-    REAL="$("$PY" -c 'import sys; print(sys.executable)')"
-    export UPSTREAM_VENV="$REPO/$WORK/upstream-shim"
-    mkdir -p "$UPSTREAM_VENV/bin"
-    printf '#!/bin/sh\nexec env PYTHONPATH=%q %q -S "$@"\n' "$SITE" "$REAL" >"$UPSTREAM_VENV/bin/python"
-    chmod +x "$UPSTREAM_VENV/bin/python"
-    UPSTREAM_NOTE="upstream's trainer ran from the same interpreter with site processing off (its open_clip_train)"
+    export UPSTREAM_VENV="$WORK/upstream-shim"
+    write_shim "$UPSTREAM_VENV/bin/python" "$UP_PATH" -S
+    UPSTREAM_NOTE="upstream's trainer ran from the same interpreter and packages without this checkout (its open_clip_train)"
 fi
 
 run_step data "$STEP_TIMEOUT" "${DATA_CMD[@]}"

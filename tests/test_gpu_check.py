@@ -114,3 +114,24 @@ def test_plan_host_sync_command_parses_and_refuses_cuda_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode == 2 and "--device cuda but torch sees no GPU" in proc.stderr, proc.stderr[-2000:]
     assert not out.with_suffix(".md").exists()
+
+
+def test_benchmark_interpreters_pick_ours_and_upstreams_trainer(tmp_path):
+    """The shims gpu_check.sh hands the benchmark (it clears PYTHONPATH for its children): ours
+    imports this checkout's open_clip_train, upstream's open_clip_torch's copy, from the same
+    interpreter and packages, whether the checkout is installed editable or only on PYTHONPATH."""
+    shims = tmp_path / "shims"
+    env = dict(os.environ, GPU_CHECK_WORK=str(tmp_path / "work"), PYTHON=sys.executable, GPU_CHECK_PLAN_SHIMS=str(shims))
+    proc = subprocess.run(["bash", str(SCRIPT), "--plan"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+    def trainer_of(python):
+        code = "import open_clip, open_clip_train, torch; print(open_clip_train.__file__)"
+        clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=clean, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return Path(out.stdout.strip()).resolve()
+
+    ours, upstream = trainer_of(shims / "ours" / "bin" / "python"), trainer_of(shims / "upstream" / "bin" / "python")
+    assert ours == (REPO / "src" / "open_clip_train" / "__init__.py").resolve()
+    assert not upstream.is_relative_to(REPO / "src") and (upstream.parent.parent / "open_clip" / "__init__.py").is_file()
