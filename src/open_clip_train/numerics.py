@@ -102,9 +102,10 @@ def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tens
     return StepAgreement(flags[0] > 0, flags[1] > 0, int(flags[2]), stop)
 
 
-def skip_step(optimizer: torch.optim.Optimizer, scaler) -> None:
-    """No update from this step; with a grad scaler (already unscaled: the trainer unscales before
-    the agreement) its bookkeeping stays whole (this step found inf)."""
+def skip_step(optimizer: torch.optim.Optimizer, scaler, unscaled: bool) -> None:
+    """No update from this step; with a grad scaler its bookkeeping stays whole (this step found inf)."""
     if scaler is not None:
+        if not unscaled:
+            scaler.unscale_(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -568,11 +568,11 @@ class Trainer:
             self._check_grads()
             self.verify_grads = False
         grad_norm = None
-        if self.scaler is not None:
-            # Unscaled before the agreement's read-back, so the scaler's own read of its inf flags
-            # in `step` finds them computed and adds no second wait for the device.
-            self.scaler.unscale_(self.optimizer)
         if cfg.train.grad_clip_norm is not None:
+            # Unscaled only to clip: otherwise a fused optimizer unscales inside its own kernel
+            # (and skips an inf step there, with no read), as GradScaler.step arranges.
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             grad_norm = self._clip()
         bad = self.bad_budget.add_batches(batches)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -583,7 +583,7 @@ class Trainer:
         loss_bad, grads_bad, bad_total = agreed.loss_bad, agreed.grads_bad, agreed.bad_samples
         self.bad_budget.check(bad_total, self.train_data.num_samples, self.where.split(",")[0])
         if is_failure(not loss_bad, not grads_bad, self.scaler is not None):
-            skip_step(self.optimizer, self.scaler)
+            skip_step(self.optimizer, self.scaler, unscaled=grad_norm is not None)
             self.nonfinite.failed("loss" if loss_bad else "gradient", self.step, self.where,
                                   {k: float(v) for k, v in terms.items()}, self._last_good_checkpoint())
             return terms
