@@ -120,6 +120,24 @@ def test_accumulated_micro_batches_equal_the_whole_batch(setup, tmp_path, monkey
     assert len(steps) == 2 and all(t in x for x in steps for t in TERMS)
 
 
+@pytest.mark.slow
+def test_two_ranks_with_accumulation_equal_one_process(setup, tmp_path):
+    """2 ranks x 2 x --accum-freq 2 == 1 process x 8 (cached teacher): each rank concatenates its
+    micro-batches' teacher rows as it does the student's outputs, then both are gathered alike, so
+    the coarse targets stay aligned with the student's logits."""
+    script = tmp_path / "dump_main.py"
+    script.write_text(DUMP_SCRIPT)
+    for d in ("two", "one"):
+        (tmp_path / d).mkdir()
+    cache = ["--teacher-cache", setup / "cache"]
+    torchrun(2, script, args(setup, tmp_path / "logs", "two", *cache, "--accum-freq", 2, batch=2), tmp_path / "two")
+    with pytest.MonkeyPatch.context() as mp:
+        in_process(args(setup, tmp_path / "logs", "one", *cache, batch=8), tmp_path / "one", mp)
+    two0, two1 = weights(tmp_path / "two" / "rank0.pt"), weights(tmp_path / "two" / "rank1.pt")
+    assert all(torch.equal(two0[k], two1[k]) for k in two0)
+    assert max_diff(two0, weights(tmp_path / "one" / "rank0.pt")) < TOL
+
+
 def test_without_afa_the_fine_term_is_off(setup, tmp_path, monkeypatch):
     in_process(args(setup, tmp_path / "logs", "mean", "--teacher-cache", setup / "cache", "--video-pooling", "mean",
                     "--train-num-samples", 8, "--distill-coarse", "ce"), tmp_path, monkeypatch)
