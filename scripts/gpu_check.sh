@@ -10,7 +10,7 @@
 #   4. benchmark    ours vs upstream on convnextv2_tiny_cliptext-512, batch 128, amp:
 #                   full, lock-image, lock-both (benchmarks/bench_train.py)
 #   5. host-sync    the same model: CUDA syncs per training step by call site, and the step's
-#                   time with the agreement's read-back removed (benchmarks/bench_host_sync.py)
+#                   time against reading the step agreement within the step (benchmarks/bench_host_sync.py)
 #
 # Without CUDA it stops at once with an error and exit code 2: it never skips a check or writes
 # CPU figures as GPU ones. Every check runs even if an earlier one failed; the exit code is 1 if

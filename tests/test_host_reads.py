@@ -1,8 +1,10 @@
 """Host reads on the training hot path. On a GPU every read of a device value (`.item()`,
-`float(t)`, `.tolist()`, ...) makes the host wait for the queued kernels, so a step should read
-exactly once: the agreement on the step's decisions (`numerics.agree_on_step`). The loss terms
-stay on the device until a log step. CPU tensors cannot show the wait, but the reads themselves
-can be counted: a TorchFunctionMode sees every tensor method our code calls.
+`float(t)`, `.tolist()`, ...) makes the host wait for the queued kernels. A step's only read is
+the agreement on its decisions (`numerics.step_flags`), and with a fused optimizer (the default
+AdamW) it is read during the NEXT step, after that step's forward and backward are queued (or at
+a log step), so the host never waits for the step it just queued. The loss terms stay on the
+device until a log step. CPU tensors cannot show the wait, but the reads themselves can be
+counted: a TorchFunctionMode sees every tensor method our code calls.
 """
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ class HostReads(TorchFunctionMode):
 
     def __init__(self, ignore: tuple = (TORCH_DIR,)):
         super().__init__()
-        self.seen, self.ignore = [], ignore
+        self.seen, self.ignore, self.read_ids = [], ignore, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -41,6 +43,7 @@ class HostReads(TorchFunctionMode):
                 f = f.f_back
             if not caller.f_code.co_filename.startswith(self.ignore) and "host_prefix_length" not in frames:
                 self.seen.append((name, f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"))
+                self.read_ids.append(id(args[0]))
         return func(*args, **(kwargs or {}))
 
 
@@ -91,11 +94,25 @@ def data_args(kind, demo, video, teacher=None, tmp_path=None):
 
 
 def run(data, tmp_path, monkeypatch, *extra):
-    """Train 2 epochs of 3 steps, logging every 2 steps; returns the reads of each train_step call
-    and of each IntervalMeter.add call."""
+    """Train 2 epochs of 3 steps, logging every 2 steps; returns, per train_step call, its reads
+    (with "backward" where the step's backward ran) and which earlier step's agreement flags each
+    read was of (None: of something else), then the reads of each IntervalMeter.add and out.log."""
     steps, adds, batch_tokens, trimmed_tokens = [], [], [], []
     train_step, add = trainer_module.Trainer.train_step, progress.IntervalMeter.add
     host_prefix_length = trainer_module.host_prefix_length
+    backward, start = trainer_module.Trainer._backward, trainer_module.PendingAgreement.start
+    flags_of_step, read_of = {}, []  # id of a step's flags on the host -> its train_step index
+    current = []
+
+    def seen_backward(self, loss):
+        current[-1].seen.append(("backward", ""))
+        current[-1].read_ids.append(None)
+        return backward(self, loss)
+
+    def seen_start(flags, *args):
+        pending = start(flags, *args)
+        flags_of_step[id(pending.host)] = len(steps)  # the step being counted (0-based)
+        return pending
 
     def seen_batch(self, batches):
         batch_tokens.extend(id(b[1]) for b in batches)
@@ -106,16 +123,21 @@ def run(data, tmp_path, monkeypatch, *extra):
         trimmed_tokens.append((id(tokens), n))
         return n
 
-    def counted(record, fn):
+    def counted(record, fn, track=False):
         def wrapper(*args, **kwargs):
             with HostReads() as mode:
+                current.append(mode)
                 out = fn(*args, **kwargs)
+            if track:
+                read_of.append([flags_of_step.get(i) for i in mode.read_ids if i is not None])
             record.append(mode.seen)
             return out
         return wrapper
 
     monkeypatch.setattr(trainer_module, "host_prefix_length", seen_trim)
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", counted(steps, seen_batch))
+    monkeypatch.setattr(trainer_module.Trainer, "_backward", seen_backward)
+    monkeypatch.setattr(trainer_module.PendingAgreement, "start", staticmethod(seen_start))
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", counted(steps, seen_batch, track=True))
     monkeypatch.setattr(progress.IntervalMeter, "add", counted(adds, add))
     argv = [str(a) for a in (
         "--model", MODEL, *data, "--epochs", 2, "--train-num-samples", 48, "--lr", "1e-3", "--warmup", 1,
@@ -128,7 +150,7 @@ def run(data, tmp_path, monkeypatch, *extra):
     else:  # the text trim's prefix came from the loader's own token tensors, before they moved
         assert [i for i, _ in trimmed_tokens] == batch_tokens and len(batch_tokens) >= 6
         assert all(n is not None for _, n in trimmed_tokens)  # every batch went the host's way
-    return steps, adds, log
+    return steps, read_of, adds, log
 
 
 @pytest.mark.parametrize("kind, extra", [
@@ -141,23 +163,45 @@ def run(data, tmp_path, monkeypatch, *extra):
     ("video-distill", ("--batch-size", 8, "--accum-freq", 2)),
 ], ids=["coco", "coco-clip-accum", "coco-siglip", "coco-live-teacher", "coco-frozen-cache", "video",
         "video-distill-cache-accum"])
-def test_a_training_step_reads_the_device_once(demo, video, teacher, tmp_path, monkeypatch, kind, extra):
-    steps, adds, log = run(data_args(kind, demo, video, teacher, tmp_path), tmp_path, monkeypatch, *extra)
+def test_a_training_step_reads_only_the_previous_steps_agreement(demo, video, teacher, tmp_path, monkeypatch,
+                                                                  kind, extra):
+    steps, read_of, adds, log = run(data_args(kind, demo, video, teacher, tmp_path), tmp_path, monkeypatch, *extra)
     assert len(steps) == 6 and len(adds) == 6
-    for reads in steps:
-        assert [name for name, _ in reads] == ["tolist"], reads
-        assert reads[0][1].startswith("numerics.py:"), reads
+    # Per epoch of 3 steps, logging after steps 2 and 3 (where the pending flags are read at once):
+    # step 1 has nothing pending, step 2 reads step 1's flags, step 3 has nothing pending again.
+    accum = 2 if "--accum-freq" in extra else 1
+    for i, reads in enumerate(steps):
+        if i % 3 == 1:
+            names = [name for name, _ in reads]
+            assert names == ["backward"] * accum + ["tolist"], reads  # after this step's work is queued
+            assert reads[-1][1].startswith("numerics.py:"), reads
+            assert read_of[i] == [i - 1]  # the flags of the step before
+        else:
+            assert [name for name, _ in reads] == ["backward"] * accum, reads
     assert adds == [[]] * 6  # the meter sums the terms on the device
-    # ... and the logged losses are still the interval's means (3 log lines per run: 2, 3 | 2, 3)
+    # ... and the logged losses are still the interval's means (2 log lines per epoch: 2, 3)
     lines = [x for x in log.splitlines() if "Train Epoch:" in x]
     assert len(lines) == 4 and all("Contrastive_loss: " in x for x in lines)
     if kind == "video-distill":
         assert all("Distill_coarse_loss: " in x for x in lines)
 
 
-def test_the_host_sync_benchmark_counts_the_one_read_and_its_ablation_removes_it(tmp_path):
-    """benchmarks/bench_host_sync.py (run by scripts/gpu_check.sh on CUDA) on CPU: its counters see
-    the agreement's read in every counted step of the run as it is, and none once ablated."""
+def test_an_optimizer_without_a_device_skip_reads_within_the_step(demo, video, teacher, tmp_path, monkeypatch):
+    """Plain SGD cannot drop an update on the device: each step reads its own flags, once, after
+    its backward (and so waits for it)."""
+    steps, read_of, adds, _ = run(data_args("coco", demo, video), tmp_path, monkeypatch, "--batch-size", 16,
+                                  "--opt", "sgd")
+    assert len(steps) == 6 and adds == [[]] * 6
+    for reads in steps:
+        assert [name for name, _ in reads] == ["backward", "tolist"], reads
+        assert reads[-1][1].startswith("trainer.py:"), reads
+    assert read_of == [[None]] * 6  # its own flags, not a pending step's
+
+
+def test_the_host_sync_benchmark_counts_the_deferred_and_the_immediate_reads(tmp_path):
+    """benchmarks/bench_host_sync.py (run by scripts/gpu_check.sh on CUDA) on CPU: in its counted
+    first interval (3 steps, logging after the third), the run as it is reads the previous step's
+    flags in steps 2 and 3; reading within the step reads each step's own, 3 times."""
     import json
     import os
     import subprocess
@@ -168,8 +212,10 @@ def test_the_host_sync_benchmark_counts_the_one_read_and_its_ablation_removes_it
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["runs"]}
-    assert runs["as-is"]["steps"] == runs["ablated"]["steps"] == 6
+    assert runs["as-is"]["steps"] == runs["immediate"]["steps"] == 6
     (site, n), = runs["as-is"]["reads"].items()
-    assert site.startswith("open_clip_train/numerics.py:") and site.endswith("(agree_on_step)") and n == 3
-    assert runs["ablated"]["reads"] == {} and runs["as-is"]["syncs"] is None
-    assert "agree_on_step" in out.with_suffix(".md").read_text()
+    assert site.startswith("open_clip_train/numerics.py:") and site.endswith("(read)") and n == 2
+    (site, n), = runs["immediate"]["reads"].items()
+    assert site.startswith("open_clip_train/trainer.py:") and site.endswith("(train_step)") and n == 3
+    assert runs["as-is"]["syncs"] is None
+    assert "a step later" in out.with_suffix(".md").read_text()

@@ -152,6 +152,67 @@ def test_skip_nonfinite_steps_skips_and_counts(demo, tmp_path, monkeypatch):
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}  # 4 steps, 1 without update
 
 
+def _rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize("how, extra", [("loss", ()), ("grad", ("--grad-clip-norm", 1.0))], ids=["loss", "grad-clip"])
+def test_a_deferred_skip_drops_the_update_as_the_host_would(demo, tmp_path, monkeypatch, how, extra):
+    """The default fused AdamW drops a failed step's update on the device and reads the flags a
+    step later. Against the same run deciding on the host within the step (defer_agreement off):
+    the same weights, optimizer state and logged means, bit for bit, and the same message."""
+    inject(monkeypatch, at_step=1, how=how)  # mid-interval: logging every 4 of 8 steps
+    started = []
+    start = trainer_module.PendingAgreement.start
+    monkeypatch.setattr(trainer_module.PendingAgreement, "start",
+                        staticmethod(lambda *a: started.append(a[1]) or start(*a)))
+    runs = {}
+    for defer in (True, False):
+        monkeypatch.setattr(trainer_module.Trainer, "defer_agreement", defer)
+        name = f"{how}_{'deferred' if defer else 'host'}"
+        argv = args(demo.train_annotations, demo.val_annotations, tmp_path, name, "--batch-size", 4, "--epochs", 1,
+                    "--log-every-n-steps", 4, "--skip-nonfinite-steps", 1, *extra)
+        assert main(argv) == 0
+        runs[defer] = tmp_path / name
+        if defer:
+            assert started == list(range(8)), started  # every step's flags went the deferred way
+    assert started == list(range(8))  # ... and none with defer_agreement off
+    message = (f"non-finite {'loss' if how == 'loss' else 'gradient'} at step 1 (epoch 0, step 2 of 8): "
+               "contrastive_loss=")
+    for run in runs.values():
+        log = (run / "out.log").read_text()
+        assert message in log and "step skipped (no update), 1 of at most 1" in log
+    deferred, host = (torch.load(runs[d] / "checkpoints" / "epoch_1.pt", weights_only=True) for d in (True, False))
+    for key, value in host["state_dict"].items():
+        assert torch.equal(deferred["state_dict"][key], value), key
+    for i, state in host["optimizer"]["state"].items():
+        assert int(state["step"]) == 7  # 8 steps, one without an update
+        assert all(torch.equal(deferred["optimizer"]["state"][i][k], v) for k, v in state.items())
+    losses = [[(r["losses"], r.get("skipped_nonfinite")) for r in _rows(runs[d])] for d in (True, False)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    assert all(math.isfinite(v) for r in losses[0] for v in r[0].values())
+
+
+@pytest.mark.parametrize("defer, stop", [(True, 3), (False, 2)], ids=["deferred", "host"])
+def test_a_stop_signal_is_acted_on_when_its_flags_are_read(demo, tmp_path, monkeypatch, defer, stop):
+    """SIGTERM during step 2 (mid-interval): read a step later with the deferred agreement, so the
+    run stops after step 3; within the step otherwise, after step 2. Either way one checkpoint of
+    the step it stopped at."""
+    from open_clip_train import faults
+    from open_clip_train.preempt import EXIT_STOPPED
+
+    monkeypatch.setattr(trainer_module.Trainer, "defer_agreement", defer)
+    monkeypatch.setenv(faults.ENV, "sigterm_at_step:2")
+    argv = args(demo.train_annotations, demo.val_annotations, tmp_path, "stop", "--batch-size", 4,
+                "--log-every-n-steps", 4)
+    assert main(argv) == EXIT_STOPPED
+    log = (tmp_path / "stop" / "out.log").read_text()
+    assert f"SIGTERM received: stopping after step {stop} (epoch 0, {stop}/8 steps)" in log
+    assert sorted(p.name for p in (tmp_path / "stop" / "checkpoints").iterdir()) == [f"step_{stop}.pt"]
+    state = torch.load(tmp_path / "stop" / "checkpoints" / f"step_{stop}.pt", weights_only=True)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {stop}
+
+
 class FakeScaler:
     """GradScaler's contract on CPU (the real one needs fp16 amp on CUDA): skips the update on
     inf/NaN gradients, and counts what it skipped."""

@@ -1,7 +1,14 @@
 """Non-finite losses and gradients: one cheap check per optimizer step, the same decision on
 every rank, skip up to K such steps, then stop naming the step, the loss terms and the last
-good checkpoint. `agree_on_step` makes that decision on every rank alike; `skip_step` drops the
-update.
+good checkpoint.
+
+The step's decisions travel in one all-reduced vector (`step_flags`). Read at once
+(`agree_on_step`), it makes the host wait for the step's kernels. With an optimizer whose update
+can be dropped on the device (fused AdamW/SGD: `found_inf`, as GradScaler uses it), the trainer
+does not wait: `failure_flag` skips the update on the device, the vector is copied to the host
+without blocking (`PendingAgreement`) and read a step later, or at a log step, save or epoch end,
+where the skip is logged and counted and a stop signal acted on. `skip_step` drops an update the
+host has decided on.
 
 With a GradScaler (fp16 amp on CUDA) inf/NaN gradients are the scaler's business: it skips
 those steps and lowers the scale, so only a non-finite loss counts as a failure there.
@@ -78,13 +85,12 @@ class StepAgreement:
     stop_signum: int  # a stop signal some rank received (0: none); SIGTERM before SIGUSR1
 
 
-def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor], params: List[torch.Tensor],
-                  scaler_active: bool, bad_samples: int, device: torch.device,
-                  stop_signum: int = 0) -> StepAgreement:
-    """The step's decisions from ONE all-reduce of [loss flag, gradient flag, bad samples, one count
-    per stop signal], the only host sync of a training step (the loss terms are read at log steps).
-    Gradients are only checked without a scaler (the scaler handles them), through clipping's
-    total norm when clipping is on, else one fused norm over `params`."""
+def step_flags(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor], params: List[torch.Tensor],
+               scaler_active: bool, bad_samples: int, device: torch.device, stop_signum: int = 0) -> torch.Tensor:
+    """The step's decisions as ONE all-reduced vector on the device, not read: [loss flag, gradient
+    flag, bad samples, one count per stop signal]. Gradients are only checked without a scaler (the
+    scaler handles them), through clipping's total norm when clipping is on, else one fused norm
+    over `params`."""
     loss_ok = all_finite(list(terms.values()))
     if scaler_active:
         grads_ok = torch.ones((), dtype=torch.bool, device=device)
@@ -93,13 +99,77 @@ def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tens
     else:
         grads_ok = all_finite([p.grad for p in params])
     # Built on the device (fill kernels, no host->device copy that would wait for the step's
-    # kernels), so the read-back after the all-reduce is the step's one host sync.
+    # kernels), so reading it back is the only host sync the agreement needs.
     host = [float(bad_samples)] + [float(stop_signum == s) for s in STOP_SIGNALS]
     flags = torch.stack([(~loss_ok.to(device)).float(), (~grads_ok.to(device)).float()]
                         + [torch.full((), v, device=device) for v in host])
-    flags = dist_env.all_reduce_sum(flags).tolist()
-    stop = next((int(s) for s, n in zip(STOP_SIGNALS, flags[3:]) if n > 0), 0)
-    return StepAgreement(flags[0] > 0, flags[1] > 0, int(flags[2]), stop)
+    return dist_env.all_reduce_sum(flags)
+
+
+def read_flags(values: List[float]) -> StepAgreement:
+    stop = next((int(s) for s, n in zip(STOP_SIGNALS, values[3:]) if n > 0), 0)
+    return StepAgreement(values[0] > 0, values[1] > 0, int(values[2]), stop)
+
+
+def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor], params: List[torch.Tensor],
+                  scaler_active: bool, bad_samples: int, device: torch.device,
+                  stop_signum: int = 0) -> StepAgreement:
+    """`step_flags` read at once: the host waits for the step's kernels (optimizers that cannot
+    skip an update on the device)."""
+    return read_flags(step_flags(terms, grad_norm, params, scaler_active, bad_samples, device, stop_signum).tolist())
+
+
+def failure_flag(flags: torch.Tensor, scaler_active: bool) -> torch.Tensor:
+    """`is_failure` on the device: a 0-dim bool, True where the step's update must be dropped."""
+    bad = flags[0] > 0
+    return bad if scaler_active else bad | (flags[1] > 0)
+
+
+@dataclass
+class PendingAgreement:
+    """A step's all-reduced flags on their way to the host: the copy is queued behind the step's
+    kernels and read later (`read`), by which time the device is usually past it."""
+    step: int  # the global optimizer step the flags belong to
+    where: str  # "epoch E, step S of N", for the messages
+    terms: Dict[str, torch.Tensor]  # the step's loss terms (named in a non-finite message)
+    host: torch.Tensor
+    event: Optional["torch.cuda.Event"] = None
+
+    @classmethod
+    def start(cls, flags: torch.Tensor, step: int, where: str, terms: Dict[str, torch.Tensor]) -> "PendingAgreement":
+        if flags.device.type != "cuda":  # the host runs the kernels itself: nothing to wait for
+            return cls(step, where, terms, flags)
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)  # the caching host allocator's
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(step, where, terms, host, event)
+
+    def read(self) -> StepAgreement:
+        if self.event is not None:
+            self.event.synchronize()
+        return read_flags(self.host.tolist())
+
+
+def step_unless(optimizer: torch.optim.Optimizer, failed: torch.Tensor) -> None:
+    """The optimizer's update, dropped inside its kernel where `failed` (a device flag) is True:
+    the fused optimizers' `found_inf` contract, which GradScaler uses the same way (parameters,
+    moments and step counts stay as they were)."""
+    optimizer.grad_scale, optimizer.found_inf = None, failed.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
+def poison_gradients(optimizer: torch.optim.Optimizer, failed: torch.Tensor) -> None:
+    """Under a GradScaler: one gradient element becomes NaN where `failed` is True, so the scaler's
+    own inf check drops the update (and lowers the scale, as for any inf step). Adds 0 otherwise."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_contiguous() and p.grad.numel():
+                p.grad.view(-1)[:1].add_(torch.where(failed, float("nan"), 0.0).to(p.grad.dtype))
+                return
 
 
 def skip_step(optimizer: torch.optim.Optimizer, scaler, unscaled: bool) -> None:

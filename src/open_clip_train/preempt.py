@@ -1,8 +1,9 @@
 """Stopping on SIGTERM / SIGUSR1 (SLURM's warning before the time limit, torchrun's shutdown).
 
-The handler only records the signal: the trainer acts on it at the next step boundary (all
-ranks agree there on whether to stop, in the step's one all-reduce: `numerics.agree_on_step`), writes a checkpoint of that
-exact step and exits with EXIT_STOPPED. Nothing is done inside the handler itself, so a signal
+The handler only records the signal: the trainer acts on it at a step boundary once all ranks
+have agreed on it (in the step's one all-reduce, `numerics.step_flags`; read a step later with a
+fused optimizer, see trainer.py), writes a checkpoint of that exact step and exits with
+EXIT_STOPPED. Nothing is done inside the handler itself, so a signal
 that lands during a forward pass, an evaluation or a checkpoint write interrupts none of them.
 """
 from __future__ import annotations

@@ -146,22 +146,28 @@ class IntervalMeter:
     # Sums in float64 where the terms live (the device): adding them costs no host read, and
     # the sums equal Python's float sums of the same values, term by term.
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    loss_steps: int = 0  # steps whose losses are in `losses` (a skipped non-finite step's are not)
 
-    def add(self, samples: int, terms: Dict[str, torch.Tensor | float], data_time: float) -> None:
+    def add(self, samples: int, terms: Dict[str, torch.Tensor | float], data_time: float,
+            keep: bool | torch.Tensor = True) -> None:
+        """`keep` False leaves a skipped step's losses out; a device flag does it on the device
+        (0 added where it is False), when the skip is not known on the host yet."""
         self.samples += samples
         self.steps += 1
         self.data_time += data_time
-        self.loss_steps += bool(terms)
+        if keep is False:
+            return
         for k, v in terms.items():
             v = torch.as_tensor(v).detach().to(torch.float64)
+            if isinstance(keep, torch.Tensor):
+                v = torch.where(keep, v, 0.0)
             self.losses[k] = self.losses[k] + v if k in self.losses else v
 
-    def mean_losses(self, device: torch.device) -> torch.Tensor:
-        """The interval's mean of each term, in the order of `losses`, one float64 vector."""
+    def mean_losses(self, device: torch.device, kept: int) -> torch.Tensor:
+        """The interval's mean of each term over its `kept` (not skipped) steps, in the order of
+        `losses`, one float64 vector."""
         if not self.losses:
             return torch.zeros(0, dtype=torch.float64, device=device)
-        return torch.stack([v.to(device) for v in self.losses.values()]) / max(self.loss_steps, 1)
+        return torch.stack([v.to(device) for v in self.losses.values()]) / max(kept, 1)
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.t0, 1e-9)

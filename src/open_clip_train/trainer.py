@@ -7,10 +7,14 @@ wrapper is rebuilt, because DDP only hooks params that required grad when it was
 Flipping requires_grad under a live wrapper would leave new params unsynchronised.
 
 Every step's decisions (non-finite loss or gradients, bad samples, a stop signal on some rank) come
-from one all-reduce (`numerics.agree_on_step`). At the step boundary (`_step_boundary`): the
---save-every-n-steps checkpoint, then, if a stop signal was agreed, rank 0 checkpoints that exact
-step and `fit` returns True (stopped). Each epoch's save is followed by its own stop agreement (a
-signal during the evaluation or the save).
+from one all-reduce (`numerics.step_flags`). With a fused optimizer (the default AdamW) the host
+does not wait for it: a failed step's update is dropped on the device, and the flags are read
+during the next step, once its work is queued, or at once at a log step, a save or the epoch's end
+(`settle`). So a stop signal received during step N stops the run after step N+1 (after N when N
+logs, saves or ends the epoch). Other optimizers read the flags within the step. At the step
+boundary (`_step_boundary`): the --save-every-n-steps checkpoint, then, if a stop signal was
+agreed, rank 0 checkpoints that exact step and `fit` returns True (stopped). Each epoch's save is
+followed by its own stop agreement (a signal during the evaluation or the save).
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ from .frozen_compile import FrozenTrunkCompiler
 from . import frozen_features
 from .freeze import apply_trainable, build_plan, count_trainable, format_counts, freeze_bn_stats, install_frozen_eval
 from .losses import total
-from .numerics import NonFiniteGuard, agree_on_step, is_failure, skip_step
+from .numerics import (NonFiniteGuard, PendingAgreement, StepAgreement, failure_flag, is_failure, poison_gradients,
+                       read_flags, skip_step, step_flags, step_unless)
 from .objective import Objective
 from .preempt import StopRequest, signal_name
 from .distill.cache import augmentation_notice
@@ -67,11 +72,17 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 class Trainer:
+    # Read each step's agreement a step later when the optimizer can drop an update on the device;
+    # False reads it within the step (benchmarks/bench_host_sync.py measures the difference).
+    defer_agreement = True
+
     def __init__(self, cfg: RunCfg, world: World, device: torch.device, paths: Optional[RunPaths],
                  stop: Optional[StopRequest] = None):
         self.cfg, self.world, self.device, self.paths = cfg, world, device, paths
         self.stop = stop
         self._agreed_stop = 0  # the stop signal the last step's agreement found (0: none)
+        self._pending: Optional[PendingAgreement] = None  # a step's agreement not read yet
+        self._step_ok: bool | torch.Tensor = True  # the last step kept its update (a device flag when deferred)
         self.step = 0
         self.start_epoch = 0
         self.start_epoch_step = 0  # optimizer steps of start_epoch already done (mid-epoch resume)
@@ -461,7 +472,7 @@ class Trainer:
         start = self.start_epoch_step if epoch == self.start_epoch else 0
         data.set_epoch(epoch, start_batch=start * accum)
         self.net.train()
-        meter = IntervalMeter()
+        meter, interval_skips = IntervalMeter(), self.nonfinite.skipped
         epoch_t0 = time.perf_counter()
         batches: List = []
         t_data = time.perf_counter()
@@ -478,7 +489,6 @@ class Trainer:
                 data_time = time.perf_counter() - t_data
                 self._set_lr(self.step)
                 self.where = f"epoch {epoch}, step {steps_done + 1} of {self.steps_per_epoch}"
-                skipped_before = self.nonfinite.skipped
                 if self._retain_pending and self.compiler.settled:
                     self._retain_freed_memory()
                 terms = self.train_step(batches)
@@ -486,17 +496,20 @@ class Trainer:
                 self.step += 1
                 self.compiler.after_step(self.model, self.step)
                 steps_done += 1
-                skipped = self.nonfinite.skipped > skipped_before  # its NaNs stay out of the logged means
-                meter.add(cfg.train.batch_size * accum * self.world.world_size, {} if skipped else terms, data_time)
+                # a skipped non-finite step's losses stay out of the logged means
+                meter.add(cfg.train.batch_size * accum * self.world.world_size, terms, data_time, keep=self._step_ok)
                 last = steps_done == self.steps_per_epoch
                 if steps_done % cfg.train.log_every_n_steps == 0 or last:
-                    self._log_progress(epoch, steps_done, steps_done - start, meter, epoch_t0)
-                    meter = IntervalMeter()
+                    self.settle()  # every step of the interval decided: its skips are counted
+                    self._log_progress(epoch, steps_done, steps_done - start, meter, epoch_t0,
+                                       kept=meter.steps - (self.nonfinite.skipped - interval_skips))
+                    meter, interval_skips = IntervalMeter(), self.nonfinite.skipped
                 if progress.active:  # the loss is read only when the line is redrawn
                     progress.update(steps_done, sum(terms.values()), cfg.train.batch_size * accum * self.world.world_size)
                 if self._step_boundary(epoch, steps_done):
                     return True
                 t_data = time.perf_counter()
+        self.settle()
         tally = self.bad_budget.over_ranks()
         logging.info(f"data, epoch {epoch}: {tally.describe(of=steps_done * accum * cfg.train.batch_size * self.world.world_size)}"
                      + (" (each replaced by a substitute sample)" if tally.total else ""))
@@ -509,6 +522,7 @@ class Trainer:
         epoch_end = steps_done == self.steps_per_epoch
         saved = bool(every) and self.step % every == 0 and not (epoch_end and self._saves_at_epoch_end(epoch + 1))
         if saved:
+            self.settle()  # the checkpoint follows every decision up to this step
             self.save_step(epoch, steps_done)
         faults.at_step(self.step)
         signum, self._agreed_stop = self._agreed_stop, 0
@@ -519,7 +533,7 @@ class Trainer:
 
     def _stop_agreed(self) -> int:
         """The stop signal any rank received (0: none), the same on every rank: after an epoch's
-        evaluation and save (within a step, `agree_on_step` carries it)."""
+        evaluation and save (within a step, `step_flags` carries it)."""
         local = self.stop.signum if self.stop is not None else 0
         return dist_env.all_reduce_max_int(local, self.device)
 
@@ -567,34 +581,64 @@ class Trainer:
         if self.verify_grads:
             self._check_grads()
             self.verify_grads = False
-        grad_norm = None
-        if cfg.train.grad_clip_norm is not None:
-            # Unscaled only to clip: otherwise a fused optimizer unscales inside its own kernel
-            # (and skips an inf step there, with no read), as GradScaler.step arranges.
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            grad_norm = self._clip()
+        self.settle()  # the previous step's flags: this step's work is queued behind them
+        clip, scaler = cfg.train.grad_clip_norm is not None, self.scaler
+        # Without a scaler the gradients' flag is clipping's total norm, so clip first; with one,
+        # the scaler judges the gradients (unscaled only to clip: otherwise a fused optimizer
+        # unscales inside its kernel, as GradScaler.step arranges).
+        grad_norm = self._clip() if clip and scaler is None else None
         bad = self.bad_budget.add_batches(batches)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         faults.in_step(self.step + 1)
-        agreed = agree_on_step(terms, grad_norm, params, self.scaler is not None, bad, self.device,
-                               self.stop.signum if self.stop is not None else 0)
-        self._agreed_stop = agreed.stop_signum  # acted on at the step boundary, after any periodic save
-        loss_bad, grads_bad, bad_total = agreed.loss_bad, agreed.grads_bad, agreed.bad_samples
-        self.bad_budget.check(bad_total, self.train_data.num_samples, self.where.split(",")[0])
-        if is_failure(not loss_bad, not grads_bad, self.scaler is not None):
-            skip_step(self.optimizer, self.scaler, unscaled=grad_norm is not None)
-            self.nonfinite.failed("loss" if loss_bad else "gradient", self.step, self.where,
-                                  {k: float(v) for k, v in terms.items()}, self._last_good_checkpoint())
-            return terms
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
-            self.scaler.update()
+        flags = step_flags(terms, grad_norm, params, scaler is not None, bad, self.device,
+                           self.stop.signum if self.stop is not None else 0)
+        deferred = self._defers()
+        if deferred:
+            failed = failure_flag(flags, scaler is not None)
+            self._pending = PendingAgreement.start(flags, self.step, self.where, terms)
+            self._step_ok = ~failed
+            if scaler is not None:
+                poison_gradients(self.optimizer, failed)
+        else:
+            self._step_ok = not self._act(read_flags(flags.tolist()), self.step, self.where, terms)
+            if not self._step_ok:
+                skip_step(self.optimizer, scaler, unscaled=False)
+                return terms
+        if clip and scaler is not None:
+            scaler.unscale_(self.optimizer)
+            self._clip()
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+            scaler.update()
+        elif deferred:
+            step_unless(self.optimizer, failed)
         else:
             self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
         return terms
+
+    def _defers(self) -> bool:
+        """Whether this step's agreement is read later: the optimizer drops a failed update on the
+        device (fused AdamW/SGD take GradScaler's `found_inf`); others need the host's decision."""
+        return self.defer_agreement and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+
+    def settle(self) -> None:
+        """Read and act on the pending agreement, if any (see the module doc)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._act(pending.read(), pending.step, pending.where, pending.terms)
+
+    def _act(self, agreed: StepAgreement, step: int, where: str, terms: Dict[str, torch.Tensor]) -> bool:
+        """The host's side of step `step`'s agreement: the stop signal for the step boundary, the
+        bad-sample budget, and the non-finite count (raises past its budget). True: it failed."""
+        self._agreed_stop = self._agreed_stop or agreed.stop_signum  # acted on at the step boundary
+        self.bad_budget.check(agreed.bad_samples, self.train_data.num_samples, where.split(",")[0])
+        if not is_failure(not agreed.loss_bad, not agreed.grads_bad, self.scaler is not None):
+            return False
+        self.nonfinite.failed("loss" if agreed.loss_bad else "gradient", step, where,
+                              {k: float(v) for k, v in terms.items()}, self._last_good_checkpoint())
+        return True
 
     def _move_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """To the device, trimmed to the text tower's prefix found on the host copy (text_trim)."""
@@ -630,7 +674,7 @@ class Trainer:
             logging.warning(f"{len(missing)} trainable params got no gradient this step, e.g. {missing[:3]}")
 
     def _log_progress(self, epoch: int, steps_done: int, steps_here: int, meter: IntervalMeter,
-                      epoch_t0: float) -> None:
+                      epoch_t0: float, kept: int) -> None:
         """The `Train Epoch:` line in out.log, its row in metrics.jsonl, and the reporters."""
         total_steps = self.steps_per_epoch
         sps = meter.samples / meter.elapsed()
@@ -638,8 +682,8 @@ class Trainer:
         remaining = (total_steps - steps_done) + total_steps * (self.cfg.train.epochs - epoch - 1)
         # Each rank's loss covers its local rows (--local-loss); the mean over ranks is the
         # global batch's loss, so the logged value does not depend on how the batch is split.
-        names = list(meter.losses)
-        means = dist_env.all_reduce_mean(meter.mean_losses(self.device))
+        names = list(meter.losses) if kept else []  # `kept`: the interval's steps that were not skipped
+        means = dist_env.all_reduce_mean(meter.mean_losses(self.device, kept)[:len(names)])
         per_step_samples = self.cfg.train.batch_size * self.cfg.train.accum_freq * self.world.world_size
         log = TrainLog(
             epoch=epoch, step=self.step, epoch_step=steps_done, steps_per_epoch=total_steps,
