@@ -527,6 +527,7 @@ class Trainer:
         faults.at_step(self.step)
         signum, self._agreed_stop = self._agreed_stop, 0
         if signum:
+            self.settle()  # this step's own flags too, before its checkpoint
             self._stop(epoch, steps_done, signum, saved)
             return True
         return False
