@@ -213,6 +213,40 @@ def test_a_stop_signal_is_acted_on_when_its_flags_are_read(demo, tmp_path, monke
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {stop}
 
 
+@pytest.mark.parametrize("how", ["loss", "loss-only"])
+def test_a_real_grad_scaler_skips_a_failed_step_alike_deferred_or_not(demo, tmp_path, monkeypatch, how):
+    """torch's GradScaler (it runs on CPU too) with the fused AdamW: a failed step is dropped by
+    the scaler's own inf check on the deferred path (a poisoned gradient) and by the host
+    otherwise, with the same weights, moments and scale (halved once) either way; also when only
+    a logged term is non-finite and the gradients are finite ('loss-only')."""
+    if how == "loss":
+        inject(monkeypatch, at_step=1, how="loss")
+    else:
+        forward_backward = trainer_module.Trainer._forward_backward
+
+        def with_a_nan_term(self, *a):
+            terms = forward_backward(self, *a)
+            return dict(terms, probe=torch.tensor(float("nan"))) if self.step == 1 else terms
+
+        monkeypatch.setattr(trainer_module.Trainer, "_forward_backward", with_a_nan_term)
+    monkeypatch.setattr(trainer_module, "grad_scaler", lambda *a: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    states = {}
+    for defer in (True, False):
+        monkeypatch.setattr(trainer_module.Trainer, "defer_agreement", defer)
+        name = f"scaler_{how}_{defer}"
+        argv = args(demo.train_annotations, demo.val_annotations, tmp_path, name, "--batch-size", 4, "--epochs", 1,
+                    "--log-every-n-steps", 4, "--skip-nonfinite-steps", 1)
+        assert main(argv) == 0
+        assert "step skipped (no update), 1 of at most 1" in (tmp_path / name / "out.log").read_text()
+        states[defer] = torch.load(tmp_path / name / "checkpoints" / "epoch_1.pt", weights_only=True)
+    deferred, host = states[True], states[False]
+    assert all(torch.equal(deferred["state_dict"][k], v) for k, v in host["state_dict"].items())
+    for i, state in host["optimizer"]["state"].items():
+        assert int(state["step"]) == 7
+        assert all(torch.equal(deferred["optimizer"]["state"][i][k], v) for k, v in state.items())
+    assert deferred["scaler"]["scale"] == host["scaler"]["scale"] == 2.0 ** 9
+
+
 class FakeScaler:
     """GradScaler's contract on CPU (the real one needs fp16 amp on CUDA): skips the update on
     inf/NaN gradients, and counts what it skipped."""

@@ -162,20 +162,26 @@ def step_unless(optimizer: torch.optim.Optimizer, failed: torch.Tensor) -> None:
         del optimizer.grad_scale, optimizer.found_inf
 
 
-def poison_gradients(optimizer: torch.optim.Optimizer, failed: torch.Tensor) -> None:
-    """Under a GradScaler: one gradient element becomes NaN where `failed` is True, so the scaler's
-    own inf check drops the update (and lowers the scale, as for any inf step). Adds 0 otherwise."""
+def poison_gradients(optimizer: torch.optim.Optimizer, failed: torch.Tensor | bool) -> None:
+    """Under a GradScaler: one gradient element becomes NaN where `failed` is True (a device flag
+    or a host bool), so the scaler's own inf check drops the update and lowers the scale, as for
+    any inf step. A False device flag adds 0."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None and p.grad.is_contiguous() and p.grad.numel():
-                p.grad.view(-1)[:1].add_(torch.where(failed, float("nan"), 0.0).to(p.grad.dtype))
+                first = p.grad.view(-1)[:1]
+                if isinstance(failed, torch.Tensor):
+                    first.add_(torch.where(failed, float("nan"), 0.0).to(p.grad.dtype))
+                elif failed:
+                    first.fill_(float("nan"))
                 return
 
 
-def skip_step(optimizer: torch.optim.Optimizer, scaler, unscaled: bool) -> None:
-    """No update from this step; with a grad scaler its bookkeeping stays whole (this step found inf)."""
+def skip_step(optimizer: torch.optim.Optimizer, scaler) -> None:
+    """No update from this step (decided on the host); with a grad scaler the step goes through
+    its bookkeeping as an inf step, as on the deferred path (`poison_gradients`)."""
     if scaler is not None:
-        if not unscaled:
-            scaler.unscale_(optimizer)
+        poison_gradients(optimizer, True)
+        scaler.unscale_(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)

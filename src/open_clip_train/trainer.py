@@ -603,7 +603,7 @@ class Trainer:
         else:
             self._step_ok = not self._act(read_flags(flags.tolist()), self.step, self.where, terms)
             if not self._step_ok:
-                skip_step(self.optimizer, scaler, unscaled=False)
+                skip_step(self.optimizer, scaler)
                 return terms
         if clip and scaler is not None:
             scaler.unscale_(self.optimizer)
