@@ -118,3 +118,25 @@ def test_crashed_worker_is_restarted_and_the_group_resumes_from_the_step_checkpo
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt", "results.jsonl"]
     rows = (run / "checkpoints" / "results.jsonl").read_text().splitlines()
     assert [int(re.match(r'\{"epoch": (\d+)', r).group(1)) for r in rows] == [1, 2]
+
+
+# ---------------------------------------------------------------- a NaN loss on one rank
+def test_a_nan_loss_on_one_rank_is_skipped_on_both_by_their_agreement(setup, reference):
+    """Rank 1 alone sees a NaN loss in step 2 (its gradients stay finite, so each rank's own check
+    would disagree). Logging every 4 steps, the fused AdamW drops the update on the device and the
+    flags are read a step later: both ranks skipped it (same weights), the optimizer counts one
+    step fewer than the reference, and the log says so once."""
+    root, demo, script = setup
+    run, dump = root / "logs" / "nan_rank1", root / "dump_nan_rank1"
+    proc = torchrun(script, train_args(demo, root / "logs", "nan_rank1", "--log-every-n-steps", 4,
+                                       "--skip-nonfinite-steps", 1), dump, "nan_loss_at_step:2:rank=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_weights(load(dump / "rank0.pt"), load(dump / "rank1.pt"))
+    log = (run / "out.log").read_text()
+    assert log.count("non-finite loss at step 1 (epoch 0, step 2 of 4): contrastive_loss=") == 1
+    assert "step skipped (no update), 1 of at most 1" in log
+    ref, got = load(reference / "checkpoints" / "epoch_2.pt"), load(run / "checkpoints" / "epoch_2.pt")
+    ref_steps = sorted(int(s["step"]) for s in ref["optimizer"]["state"].values())
+    got_steps = sorted(int(s["step"]) for s in got["optimizer"]["state"].values())
+    assert max(ref_steps) == 8 and [s + 1 if s > 4 else s for s in got_steps] == ref_steps  # text: 7 of 8
+    assert not all(torch.equal(got["state_dict"][k], v) for k, v in ref["state_dict"].items())

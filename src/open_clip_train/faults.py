@@ -10,7 +10,9 @@ single `is None` check). Kinds, all at global optimizer step `<step>`:
 * `sigterm_parent_at_step`: send SIGTERM to the parent process (torchrun's agent, which
   forwards it to every worker), also during the step;
 * `kill_in_save`: SIGKILL this process while it writes the checkpoint of that step, after
-  half of the temporary file is on disk.
+  half of the temporary file is on disk;
+* `nan_loss_at_step`: a NaN first loss term in that step, after its backward (the gradients stay
+  finite), so with `:rank=<r>` only the ranks' agreement can make the other ranks skip it too.
 
 `:rank=<r>` limits the fault to one rank. A fault fires only in the first attempt of a torchrun
 group (TORCHELASTIC_RESTART_COUNT unset or 0), so a restarted group does not fail again.
@@ -26,7 +28,7 @@ from .errors import UserError
 
 ENV = "OPEN_CLIP_TRAIN_FAULT"
 _SIGNALS = {"sigterm_at_step": signal.SIGTERM, "sigusr1_at_step": signal.SIGUSR1}
-KINDS = ("crash_at_step", "kill_at_step", "sigterm_parent_at_step", "kill_in_save", *_SIGNALS)
+KINDS = ("crash_at_step", "kill_at_step", "sigterm_parent_at_step", "kill_in_save", "nan_loss_at_step", *_SIGNALS)
 
 
 class InjectedCrash(RuntimeError):
@@ -88,12 +90,20 @@ def at_step(step: int) -> None:
 
 def in_step(step: int) -> None:
     """Called by the trainer in step `step` before the ranks' agreement on it: the signal faults."""
-    if _active is None or not _active.applies(step, _rank):
+    if _active is None or not _active.applies(step, _rank) or _active.kind not in (*_SIGNALS, "sigterm_parent_at_step"):
         return
     if _active.kind == "sigterm_parent_at_step":
         os.kill(os.getppid(), signal.SIGTERM)
     elif _active.kind in _SIGNALS:
         os.kill(os.getpid(), _SIGNALS[_active.kind])
+
+
+def loss_terms(step: int, terms: dict) -> dict:
+    """Called by the trainer with step `step`'s loss terms, after its backward: `nan_loss_at_step`."""
+    if _active is None or _active.kind != "nan_loss_at_step" or not _active.applies(step, _rank):
+        return terms
+    first = next(iter(terms))
+    return dict(terms, **{first: terms[first] * float("nan")})
 
 
 def in_save(f: BinaryIO, step: Optional[int]) -> None:

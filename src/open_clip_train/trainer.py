@@ -591,6 +591,7 @@ class Trainer:
         bad = self.bad_budget.add_batches(batches)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         faults.in_step(self.step + 1)
+        terms = faults.loss_terms(self.step + 1, terms)
         flags = step_flags(terms, grad_norm, params, scaler is not None, bad, self.device,
                            self.stop.signum if self.stop is not None else 0)
         deferred = self._defers()
