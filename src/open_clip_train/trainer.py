@@ -565,7 +565,8 @@ class Trainer:
 
     def train_step(self, batches: List) -> Dict[str, torch.Tensor]:
         """One optimizer step over `accum_freq` micro-batches; returns the loss terms as 0-dim
-        tensors on the device (read at log steps only: the step's one host sync is the agreement)."""
+        tensors on the device (read at log steps only). The step's one host read is an agreement's
+        flags: with a fused optimizer the previous step's, once this step is queued (see `_update`)."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         dtype = input_dtype(cfg.model.precision)
@@ -583,7 +584,13 @@ class Trainer:
             self._check_grads()
             self.verify_grads = False
         self.settle()  # the previous step's flags: this step's work is queued behind them
-        clip, scaler = cfg.train.grad_clip_norm is not None, self.scaler
+        return self._update(terms, batches)
+
+    def _update(self, terms: Dict[str, torch.Tensor], batches: List) -> Dict[str, torch.Tensor]:
+        """The step's agreement (non-finite loss or gradients, bad samples, a stop signal), then the
+        optimizer's update: dropped on the device where the agreement fails when it is read later
+        (`_defers`), or decided here by the host otherwise."""
+        clip, scaler = self.cfg.train.grad_clip_norm is not None, self.scaler
         # Without a scaler the gradients' flag is clipping's total norm, so clip first; with one,
         # the scaler judges the gradients (unscaled only to clip: otherwise a fused optimizer
         # unscales inside its kernel, as GradScaler.step arranges).
