@@ -216,6 +216,6 @@ def test_the_host_sync_benchmark_counts_the_deferred_and_the_immediate_reads(tmp
     (site, n), = runs["as-is"]["reads"].items()
     assert site.startswith("open_clip_train/numerics.py:") and site.endswith("(read)") and n == 2
     (site, n), = runs["immediate"]["reads"].items()
-    assert site.startswith("open_clip_train/trainer.py:") and site.endswith("(train_step)") and n == 3
+    assert site.startswith("open_clip_train/trainer.py:") and site.endswith("(_update)") and n == 3
     assert runs["as-is"]["syncs"] is None
     assert "a step later" in out.with_suffix(".md").read_text()
