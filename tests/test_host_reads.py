@@ -29,9 +29,9 @@ class HostReads(TorchFunctionMode):
     (torch's own reads, e.g. the optimizer's step counter, are CPU scalars on any device) and
     outside `host_prefix_length`, which reads the batch's host copy (checked below)."""
 
-    def __init__(self, ignore: tuple = (TORCH_DIR,)):
+    def __init__(self, ignore: tuple = (TORCH_DIR,), identify=lambda tensor: None):
         super().__init__()
-        self.seen, self.ignore, self.read_ids = [], ignore, []
+        self.seen, self.ignore, self.identify, self.read_of = [], ignore, identify, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -43,7 +43,7 @@ class HostReads(TorchFunctionMode):
                 f = f.f_back
             if not caller.f_code.co_filename.startswith(self.ignore) and "host_prefix_length" not in frames:
                 self.seen.append((name, f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"))
-                self.read_ids.append(id(args[0]))
+                self.read_of.append(self.identify(args[0]))  # now, while the tensor's id is its own
         return func(*args, **(kwargs or {}))
 
 
@@ -106,7 +106,6 @@ def run(data, tmp_path, monkeypatch, *extra):
 
     def seen_backward(self, loss):
         current[-1].seen.append(("backward", ""))
-        current[-1].read_ids.append(None)
         return backward(self, loss)
 
     def seen_start(flags, *args):
@@ -125,11 +124,11 @@ def run(data, tmp_path, monkeypatch, *extra):
 
     def counted(record, fn, track=False):
         def wrapper(*args, **kwargs):
-            with HostReads() as mode:
+            with HostReads(identify=lambda t: flags_of_step.get(id(t))) as mode:
                 current.append(mode)
                 out = fn(*args, **kwargs)
             if track:
-                read_of.append([flags_of_step.get(i) for i in mode.read_ids if i is not None])
+                read_of.append(mode.read_of)
             record.append(mode.seen)
             return out
         return wrapper
