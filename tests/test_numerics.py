@@ -1,14 +1,18 @@
 """numerics: one vector carries the step's decisions (non-finite loss, non-finite gradients unless
-a scaler handles them, bad samples, stop signals), read back once, at once (`agree_on_step`) or a
+a scaler handles them, bad samples, stop signals), read back once, at once (`read_flags`) or a
 step later (`PendingAgreement`), with the failed update dropped on the device meanwhile."""
 import signal
 
 import torch
 
 from open_clip_train import numerics
-from open_clip_train.numerics import agree_on_step
 
 CPU = torch.device("cpu")
+
+
+def agree_on_step(*args, **kwargs):
+    """The flags read at once, as the trainer does for an optimizer without a device skip."""
+    return numerics.read_flags(numerics.step_flags(*args, **kwargs).tolist())
 
 
 def _params(value):

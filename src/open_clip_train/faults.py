@@ -90,7 +90,7 @@ def at_step(step: int) -> None:
 
 def in_step(step: int) -> None:
     """Called by the trainer in step `step` before the ranks' agreement on it: the signal faults."""
-    if _active is None or not _active.applies(step, _rank) or _active.kind not in (*_SIGNALS, "sigterm_parent_at_step"):
+    if _active is None or not _active.applies(step, _rank):
         return
     if _active.kind == "sigterm_parent_at_step":
         os.kill(os.getppid(), signal.SIGTERM)

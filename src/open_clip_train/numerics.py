@@ -3,7 +3,7 @@ every rank, skip up to K such steps, then stop naming the step, the loss terms a
 good checkpoint.
 
 The step's decisions travel in one all-reduced vector (`step_flags`). Read at once
-(`agree_on_step`), it makes the host wait for the step's kernels. With an optimizer whose update
+(`read_flags`), it makes the host wait for the step's kernels. With an optimizer whose update
 can be dropped on the device (fused AdamW/SGD: `found_inf`, as GradScaler uses it), the trainer
 does not wait: `failure_flag` skips the update on the device, the vector is copied to the host
 without blocking (`PendingAgreement`) and read a step later, or at a log step, save or epoch end,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -109,14 +109,6 @@ def step_flags(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor]
 def read_flags(values: List[float]) -> StepAgreement:
     stop = next((int(s) for s, n in zip(STOP_SIGNALS, values[3:]) if n > 0), 0)
     return StepAgreement(values[0] > 0, values[1] > 0, int(values[2]), stop)
-
-
-def agree_on_step(terms: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor], params: List[torch.Tensor],
-                  scaler_active: bool, bad_samples: int, device: torch.device,
-                  stop_signum: int = 0) -> StepAgreement:
-    """`step_flags` read at once: the host waits for the step's kernels (optimizers that cannot
-    skip an update on the device)."""
-    return read_flags(step_flags(terms, grad_norm, params, scaler_active, bad_samples, device, stop_signum).tolist())
 
 
 def failure_flag(flags: torch.Tensor, scaler_active: bool) -> torch.Tensor:
